@@ -1,0 +1,468 @@
+"""Command line: one verb per job. The only module that prints.
+
+A user error exits 2 with one message that says what is wrong, where and how to fix it; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunewise.config import ConfigError, load_config
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Project errors that are the user's to fix (imported lazily: they live in heavier modules)."""
+    errors: list[type[BaseException]] = [ConfigError]
+    for module, name in [
+        ("tunewise.data", "DataError"),
+        ("tunewise.model", "ModelError"),
+        ("tunewise.diagnose", "DoctorError"),
+    ]:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _say(text: str = "", style: str | None = None) -> None:
+    console.print(text, style=style, markup=False)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return "NaN" if math.isnan(x) else f"{x:.{digits}g}"
+    return "-" if x is None else str(x)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from tunewise.config import starter_config_text
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise ConfigError([f"`{path}` already exists; pass --force to overwrite it or choose another path"])
+    path.write_text(starter_config_text(), encoding="utf-8")
+    _say(f"wrote {path} (every default, one comment each). Next: tunewise check {path}")
+    return 0
+
+
+def _print_plan(plan: dict) -> None:
+    s = plan["steps"]
+    _say(
+        f"plan: {s['examples']} examples, effective batch {s['effective_batch']} "
+        f"(per-device x accumulation x {s['processes']} process(es)), {s['steps_per_epoch']} steps/epoch, "
+        f"{s['total_steps']} optimizer steps in total, warmup {plan['warmup_steps']} steps",
+        style="bold",
+    )
+    if s["rule_of_thumb"] != s["total_steps"] and s["epochs"] == int(s["epochs"]):
+        _say(
+            f"  note: the rule of thumb (examples // effective batch) x epochs gives {s['rule_of_thumb']}; "
+            f"the Trainer also steps on the partial batch that ends each epoch, so it runs {s['total_steps']}"
+        )
+    _say(
+        f"  evaluations: {plan['evaluations']} ({plan['evaluations_per_epoch']}/epoch); "
+        f"saves: {plan['saves']}; "
+        f"learning rate {_fmt(plan['learning_rate'])} ({plan['method']})"
+    )
+    mem = plan.get("memory")
+    if mem:
+        gib = 1024**3
+        _say(
+            f"  memory at step 1 (estimate): {mem['peak'] / gib:.2f} GiB "
+            f"of {mem['device_bytes'] / gib:.1f} GiB "
+            f"(weights {mem['weights'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
+            f"{mem['activations_with_checkpointing'] / gib:.2f} with checkpointing / "
+            f"{mem['activations_without_checkpointing'] / gib:.2f} without); "
+            f"{mem['trainable_parameters']:,} trainable of {mem['total_parameters']:,} parameters"
+        )
+
+
+def _print_finding(finding: Any) -> None:
+    style = {"error": "bold red", "warning": "yellow", "info": "cyan"}.get(finding.severity, None)
+    where = f"step {finding.step}" if finding.step is not None else "run"
+    _say(f"[doctor] {finding.severity.upper()} at {where}: {finding.title}", style=style)
+    for fix in finding.fixes[:3]:
+        if fix.change:
+            _say(f"         fix: {fix.change}  ({fix.why})")
+
+
+class Progress:
+    """Progress during train: a rich bar on a terminal, a plain line every N steps elsewhere."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.task, self.total, self.last_print = quiet, None, None, 0, 0.0
+        self.start = time.time()
+
+    def begin(self, info: dict) -> None:
+        self.total = int(info.get("max_steps") or 0)
+        if self.quiet or not console.is_terminal:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=self.total, info="")
+
+    def step(self, rec: dict) -> None:
+        info = (
+            f"loss {_fmt(rec['loss'])} lr {_fmt(rec['learning_rate'], 3)} "
+            f"{_fmt(rec.get('tokens_per_s') or 0.0, 4)} tok/s"
+        )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], info=info)
+        elif not self.quiet and (
+            rec["step"] in (1, 10) or time.time() - self.last_print > 15 or rec["step"] == self.total
+        ):
+            elapsed = time.time() - self.start
+            eta = elapsed / rec["step"] * (self.total - rec["step"]) if rec["step"] else 0
+            _say(f"step {rec['step']}/{self.total}  {info}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+            self.last_print = time.time()
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _launch_distributed(args: argparse.Namespace, cfg: Any) -> int:
+    """Re-run this train command under torchrun with N data-parallel processes (gloo on the CPU)."""
+    from tunewise.train import make_run_dir
+
+    run_dir = make_run_dir(cfg)
+    argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+    if "--nproc" in sys.argv:
+        i = sys.argv.index("--nproc")
+        argv = sys.argv[1:i] + sys.argv[i + 2 :]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "tunewise.cli",
+        *argv,
+        f"name={cfg.name}",
+        f"output_dir={cfg.output_dir}",
+    ]
+    _say(f"launching {args.nproc} processes: {' '.join(cmd[2:])}")
+    env = dict(os.environ, TUNEWISE_CHILD="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    rc = subprocess.call(cmd, env=env)
+    result = run_dir / "result.json"
+    if result.is_file():
+        data = json.loads(result.read_text())
+        _say(f"run {run_dir}: {data['status']} at step {data['global_step']}")
+    return rc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunewise.train import TrainHooks, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc and args.nproc > 1 and not os.environ.get("TUNEWISE_CHILD"):
+        return _launch_distributed(args, cfg)
+    if args.resume and not cfg.name:
+        cfg.name = _latest_run_name(Path(cfg.output_dir))
+    if not args.force and not os.environ.get("TUNEWISE_CHILD") and not _preflight(cfg, args):
+        return 1
+    progress = Progress(args.quiet)
+    hooks = TrainHooks(
+        on_notice=lambda n: _say(f"notice: {n}", style="yellow"),
+        on_finding=_print_finding,
+        on_step=progress.step,
+        on_start=progress.begin,
+    )
+    try:
+        result = train(cfg, resume=args.resume, hooks=hooks)
+    finally:
+        progress.end()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    _print_result(result)
+    return 0 if result.status == "completed" else 1
+
+
+def _latest_run_name(output_dir: Path) -> str:
+    runs = sorted(
+        (p for p in output_dir.glob("*") if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime
+    )
+    if not runs:
+        raise ConfigError([f"--resume: no run directory under `{output_dir}`; name the run with `name=...`"])
+    return runs[-1].name
+
+
+def _preflight(cfg: Any, args: argparse.Namespace) -> bool:
+    """Run the pre-flight check; False (refuse to train) on a FAIL."""
+    from tunewise.check import run_check
+
+    report = run_check(cfg)
+    _print_check(report, brief=True)
+    if report.failed:
+        _say(
+            "refusing to train: the check has FAIL items (fix them, or pass --force to train anyway)",
+            style="bold red",
+        )
+        return False
+    return True
+
+
+def _print_result(result: Any) -> None:
+    n = result.numbers
+    style = "bold green" if result.status == "completed" else "bold red"
+    _say(
+        f"{result.status}: {result.global_step} steps; final train loss {_fmt(n.get('final_train_loss'))}, "
+        f"best eval loss {_fmt(n.get('best_eval_loss'))} ({n.get('best_checkpoint') or 'no checkpoint'})",
+        style=style,
+    )
+    if n.get("recovery_changes"):
+        _say(f"recovered from divergence by changing: {', '.join(n['recovery_changes'])}")
+    _say(
+        f"run directory: {result.run_dir}  (saved {n.get('saved', '-')}/; "
+        f"next: tunewise doctor {result.run_dir})"
+    )
+
+
+def _print_check(report: Any, brief: bool = False) -> None:
+    styles = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
+    for item in report.items:
+        if brief and item.status == "PASS":
+            continue
+        _say(f"{item.status:4}  {item.name}: {item.detail}", style=styles.get(item.status))
+        if item.fix and item.status != "PASS":
+            _say(f"      fix: {item.fix}")
+    counts = report.counts()
+    _say(f"check: {counts['PASS']} pass, {counts['WARN']} warn, {counts['FAIL']} fail")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tunewise.check import plan_config
+
+    plan = plan_config(load_config(args.config, args.overrides), processes=args.nproc or 1)
+    if args.json:
+        print(json.dumps(plan, indent=2, default=str))
+    else:
+        _print_plan(plan)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tunewise.check import run_check
+
+    report = run_check(load_config(args.config, args.overrides), processes=args.nproc or 1)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_check(report)
+        _say("the loss falling by step 10 is watched live by the training monitor")
+    return 1 if report.failed else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tunewise.check import inspect_examples
+
+    text = inspect_examples(
+        load_config(args.config, args.overrides), n=args.n, index=args.index, color=console.is_terminal
+    )
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tunewise.diagnose import diagnose_path, render_diagnosis
+
+    diagnosis = diagnose_path(Path(args.path))
+    if args.json:
+        print(json.dumps(diagnosis.to_dict(), indent=2, default=str))
+    else:
+        sys.stdout.write(render_diagnosis(diagnosis, color=console.is_terminal) + "\n")
+    return diagnosis.exit_code()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunewise.evaluate import evaluate
+
+    if args.base:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = None
+    else:
+        if not args.run_dir:
+            raise ConfigError(["eval needs a RUN_DIR (a directory that `tunewise train` wrote) or --base"])
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                [
+                    f"`{run_dir}` is not a run directory (no config.yaml); pass the directory that "
+                    "`tunewise train` printed"
+                ]
+            )
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    result = evaluate(cfg, run_dir, limit=args.limit)
+    if run_dir is not None:
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_eval(result)
+    return 0
+
+
+def _print_eval(result: dict) -> None:
+    extra = ""
+    if "field_accuracy" in result:
+        extra = f", valid JSON {result['valid_json']:.0%}, field accuracy {result['field_accuracy']:.1%}"
+    _say(
+        f"{result['which']} model: exact match {result['exact_match']:.1%} "
+        f"on {result['n']} test examples{extra} "
+        f"({result['seconds']}s)",
+        style="bold",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunewise.demo import run_demo
+
+    return run_demo(
+        _say,
+        _print_plan,
+        _print_check,
+        _print_finding,
+        _print_eval,
+        Progress(args.quiet),
+        overrides=args.overrides,
+    )
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunewise",
+        description="Fine-tune causal language models (LoRA, QLoRA, full) with the training loop "
+        "and hyperparameters planned, checked, watched and diagnosed.",
+        epilog="Every command that reads a config accepts key=value overrides, "
+        "e.g. training.learning_rate=1e-4.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Any, help_: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        if config:
+            p.add_argument(
+                "config",
+                nargs="?",
+                help="YAML config (default: every default, the embedded model and the bundled dataset)",
+            )
+            p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.r=16")
+        return p
+
+    p = add("init", cmd_init, "write a starter config with every default and a one-line comment each", False)
+    p.add_argument(
+        "path", nargs="?", default="tunewise.yaml", help="where to write it (default tunewise.yaml)"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p = add("plan", cmd_plan, "steps, warmup, cadence and memory of a run, before loading any weights")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes the run will use")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("check", cmd_check, "the pre-flight checklist: PASS/WARN/FAIL per item with numbers and fixes")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes the run will use")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("inspect", cmd_inspect, "show examples as the model sees them: trained vs masked tokens")
+    p.add_argument("--n", type=int, default=3, help="how many examples")
+    p.add_argument("--index", type=int, default=None, help="show the example at this index")
+    p = add("train", cmd_train, "fine-tune: check, load, train with the live doctor, save the run directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run (config `name`, else the newest run) "
+        "from its latest checkpoint: optimizer, scheduler and data position restored",
+    )
+    p.add_argument("--force", action="store_true", help="train even when the pre-flight check FAILs")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes (DDP through torchrun; gloo on CPU)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p = add(
+        "doctor",
+        cmd_doctor,
+        "diagnose a run: tunewise run dir, HF Trainer output dir, trainer_state.json or TensorBoard events",
+        False,
+    )
+    p.add_argument("path", help="run directory, output directory, trainer_state.json or event files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "eval",
+        help="exact-match accuracy on the test split, base model or tuned run",
+        description="Generate greedily for the test split and score exact match.",
+    )
+    p.set_defaults(func=cmd_eval)
+    p.add_argument("run_dir", nargs="?", help="run directory to evaluate")
+    p.add_argument("--base", action="store_true", help="evaluate the base model of --config instead of a run")
+    p.add_argument("--config", default=None, help="config for --base (default: defaults)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p = add(
+        "demo", cmd_demo, "the embedded model on the bundled dataset: check, train, evaluate, diagnose", False
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tunewise` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes says this on every CPU step; tunewise says it once as a hardware notice
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    args = build_parser().parse_args(argv)
+    config = getattr(args, "config", None)
+    if config and "=" in config and not Path(config).exists():
+        args.overrides, args.config = [config, *args.overrides], None  # only overrides were given
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.debug:
+            traceback.print_exc()
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

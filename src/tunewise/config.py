@@ -1,0 +1,590 @@
+"""Config: one YAML file with sections, `key=value` overrides, validation that teaches.
+
+Every problem is collected and raised once as a `ConfigError` that names the key as the user wrote
+it (with the file and line when it came from a file) and the fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+METHODS = ("qlora", "lora", "full")
+
+
+class ConfigError(Exception):
+    """A config that cannot run; the message lists every problem with its location and fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is fine-tuned."""
+
+    name: str = (
+        EMBEDDED_MODEL  # Hugging Face id, local model directory, local .gguf file, or the embedded default
+    )
+    method: Literal["qlora", "lora", "full"] = (
+        "qlora"  # qlora: 4-bit NF4 base + LoRA; lora: LoRA; full: all weights
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = (
+        "auto"  # auto: bf16 if supported, fp16 on CUDA, else fp32
+    )
+    trust_remote_code: bool = False  # allow custom modelling code from the model repository
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA settings (ignored for method full)."""
+
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: str | list[str] = "all-linear"  # all-linear or a list of module names
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases are trained
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes input_ids + labels."""
+
+    train: str | None = None  # JSONL/JSON/CSV/Parquet/saved dataset dir; default: the bundled dataset
+    validation: str | None = None  # separate validation file (or use validation_split)
+    validation_split: float | None = None  # fraction of train held out for validation (seeded)
+    test: str | None = None  # test split used by `tunewise eval`
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # map our field names to yours
+    max_seq_length: int = 512  # tokens per example after the chat template
+    train_on: Literal["assistant", "last", "all"] = "assistant"  # which tokens carry loss
+    too_long: Literal["truncate", "drop", "error"] = "truncate"  # policy for examples over max_seq_length
+    on_bad_rows: Literal["error", "skip"] = "error"  # stop at the first bad row or skip and count them
+    system_prompt: str | None = None  # system message added to conversations that have none
+    chat_template: str | None = None  # Jinja template for models that ship none
+    seed: int = 42  # seed for the validation split
+
+
+@dataclass
+class DoctorConfig:
+    """What the live monitor does when training goes wrong."""
+
+    on_divergence: Literal["stop", "recover"] = "stop"  # stop: save and end as diverged; recover: retry
+    max_recoveries: int = 3  # attempts in recover mode
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
+
+
+# The lesson's recommended TrainingArguments; hardware-dependent ones (bf16/fp16, optim) resolve at run time.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "optim": "paged_adamw_32bit",
+    "weight_decay": 0.001,
+    "max_grad_norm": 0.3,
+    "gradient_checkpointing": True,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 3,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "eval_loss",
+    "greater_is_better": False,
+    "report_to": ["tensorboard"],
+    "logging_nan_inf_filter": False,
+    "seed": 42,
+}
+DEFAULT_LR = {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5}
+
+# Names from older transformers releases that tutorials still use -> (new name, value converter or None).
+LEGACY_TRAINING_KEYS: dict[str, str] = {
+    "warmup_ratio": "warmup_steps",
+    "evaluation_strategy": "eval_strategy",
+    "no_cuda": "use_cpu",
+    "per_gpu_train_batch_size": "per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "per_device_eval_batch_size",
+}
+# Older names that have no effect here (tunewise owns where outputs go).
+IGNORED_TRAINING_KEYS = {
+    "output_dir": "the run directory is `name` under `output_dir` at the top level of the config",
+    "logging_dir": "TensorBoard events always go to <run>/tensorboard",
+    "overwrite_output_dir": "each run has its own directory",
+    "save_safetensors": "checkpoints are always safetensors",
+}
+# Keys tutorials put in the training section that belong elsewhere here.
+MOVED_TRAINING_KEYS = {"max_seq_length": "data.max_seq_length", "max_length": "data.max_seq_length"}
+SECTION_TYPES = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "doctor": DoctorConfig}
+TOP_LEVEL_SCALARS = {"name": str, "output_dir": str}
+
+
+@dataclass
+class Config:
+    """The whole resolved config of one run."""
+
+    name: str | None = None  # run name; default: <method>-<timestamp>
+    output_dir: str = "runs"  # parent directory of run directories
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field by its own name
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    source: str = "<defaults>"  # where the config came from, for messages
+    notices: list[str] = field(default_factory=list)  # one-line notices (legacy names mapped, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, every default filled in (what config.yaml records)."""
+        out: dict[str, Any] = {"name": self.name, "output_dir": self.output_dir}
+        for section in SECTION_TYPES:
+            out[section] = dataclasses.asdict(getattr(self, section))
+        out["training"] = dict(self.training)
+        return out
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- YAML with line numbers
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Read a YAML config file; errors name the file and line."""
+    if not path.is_file():
+        raise ConfigError([f"config file `{path}` does not exist; create one with `tunewise init {path}`"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _yaml_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(
+            [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax"]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{path}:1: the config must be a mapping of sections (model:, data:, training:, ...)"]
+        )
+    return data, lines
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """Parse one `section.key=value` override; the value is read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise ConfigError([f"override `{text}` is not key=value; write e.g. `training.learning_rate=1e-4`"])
+    key, _, raw = text.partition("=")
+    path = tuple(p for p in key.strip().split(".") if p)
+    if not path:
+        raise ConfigError([f"override `{text}` has no key; write e.g. `training.learning_rate=1e-4`"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- values and types
+
+
+def _suggest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Coerce a YAML value to an annotated type, or raise ValueError with the expected type in words."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(errors))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError("one of " + ", ".join(repr(a) for a in args))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = [m.value for m in annotation]
+        if value in values or (isinstance(value, enum.Enum) and value.value in values):
+            return value
+        raise ValueError("one of " + ", ".join(repr(v) for v in values))
+    if origin in (list, tuple):
+        if isinstance(value, list | tuple):
+            return [_coerce(v, args[0]) if args else v for v in value]
+        raise ValueError("a list")
+    if origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError("a mapping")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError("an integer")
+    if annotation is float:
+        # PyYAML reads `2e-4` (no dot) as a string: accept any number spelled as text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("a string")
+    return value
+
+
+def _training_fields() -> dict[str, Any]:
+    """TrainingArguments fields of the installed transformers -> their resolved type annotation."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# ----------------------------------------------------------------------------- building the config
+
+
+class _Problems:
+    """Collects problems with the location each key came from."""
+
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int], overrides: dict[tuple[str, ...], str]):
+        self.source, self.lines, self.overrides, self.items = source, lines, overrides, []
+
+    def where(self, path: tuple[str, ...]) -> str:
+        if path in self.overrides:
+            return f"override `{self.overrides[path]}`"
+        line = self.lines.get(path)
+        return f"{self.source}:{line}: `{'.'.join(path)}`" if line else f"{self.source}: `{'.'.join(path)}`"
+
+    def add(self, path: tuple[str, ...], message: str) -> None:
+        self.items.append(f"{self.where(path)} {message}")
+
+
+def _build_section(cls: type, raw: Any, section: str, problems: _Problems) -> Any:
+    """Build one section dataclass from a mapping, recording every unknown key and bad value."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.add((section,), f"must be a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = (section, str(key))
+        if key not in names:
+            problems.add(
+                path, f"is not a {section} setting{_suggest(str(key), names)} (valid: {', '.join(names)})"
+            )
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except ValueError as exc:
+            problems.add(path, f"is {value!r}; expected {exc}")
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config, problems: _Problems) -> None:
+    """Values of the right type but outside what can work."""
+    a, d = cfg.adapter, cfg.data
+    checks = [
+        (("adapter", "r"), a.r >= 1, f"is {a.r}; LoRA rank must be >= 1 (typical 4-64, default 8)"),
+        (("adapter", "alpha"), a.alpha > 0, f"is {a.alpha}; must be > 0 (typical 2 x r)"),
+        (("adapter", "dropout"), 0 <= a.dropout < 1, f"is {a.dropout}; must be in [0, 1) (typical 0.05-0.2)"),
+        (("data", "max_seq_length"), d.max_seq_length >= 8, f"is {d.max_seq_length}; must be >= 8 tokens"),
+        (("doctor", "max_recoveries"), cfg.doctor.max_recoveries >= 0, "must be >= 0"),
+    ]
+    if d.validation_split is not None:
+        checks.append(
+            (
+                ("data", "validation_split"),
+                0 < d.validation_split < 1,
+                f"is {d.validation_split}; must be a fraction in (0, 1), e.g. 0.1",
+            )
+        )
+    t = cfg.training
+    positive = [
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+    ]
+    for key in positive:
+        if key in t and isinstance(t[key], int | float) and t[key] <= 0:
+            checks.append((("training", key), False, f"is {t[key]}; must be > 0"))
+    if isinstance(t.get("learning_rate"), float) and t["learning_rate"] >= 1:
+        checks.append(
+            (
+                ("training", "learning_rate"),
+                False,
+                f"is {t['learning_rate']}; a learning rate >= 1 always diverges (LoRA: ~2e-4, full: ~2e-5)",
+            )
+        )
+    if isinstance(t.get("max_grad_norm"), int | float) and t["max_grad_norm"] < 0:
+        checks.append(
+            (("training", "max_grad_norm"), False, "must be >= 0 (0 turns clipping off; typical 0.3-1.0)")
+        )
+    warm = t.get("warmup_steps")
+    if isinstance(warm, int | float) and warm < 0:
+        checks.append((("training", "warmup_steps"), False, "must be >= 0 (a fraction < 1 or a step count)"))
+    for path, ok, message in checks:
+        if not ok:
+            problems.add(path, message)
+
+
+def _build_training(
+    raw: Any, problems: _Problems, notices: list[str], moved: dict[str, Any]
+) -> dict[str, Any]:
+    """Validate the training section against the installed TrainingArguments, mapping legacy names."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.add(("training",), "must be a mapping of TrainingArguments fields")
+        return {}
+    fields = _training_fields()
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        path = ("training", key)
+        if key in IGNORED_TRAINING_KEYS:
+            notices.append(f"{problems.where(path)} is ignored: {IGNORED_TRAINING_KEYS[key]}")
+            continue
+        if key in MOVED_TRAINING_KEYS:
+            notices.append(f"{problems.where(path)} is read as `{MOVED_TRAINING_KEYS[key]}`")
+            moved[MOVED_TRAINING_KEYS[key]] = value
+            continue
+        if key in LEGACY_TRAINING_KEYS and LEGACY_TRAINING_KEYS[key] in fields:
+            new = LEGACY_TRAINING_KEYS[key]
+            notices.append(
+                f"{problems.where(path)} is an older name: mapped to `training.{new}` "
+                f"(this transformers release spells it `{new}`)"
+            )
+            key, path = new, ("training", new)
+        if key not in fields:
+            problems.add(path, f"is not a TrainingArguments field{_suggest(key, fields)}")
+            continue
+        try:
+            out[key] = _coerce(value, fields[key])
+        except ValueError as exc:
+            problems.add(path, f"is {value!r}; expected {exc}")
+    return out
+
+
+def build_config(
+    data: dict[str, Any],
+    source: str = "<config>",
+    lines: dict | None = None,
+    overrides: dict[tuple[str, ...], str] | None = None,
+) -> Config:
+    """Build and validate a Config from plain data; raises ConfigError listing every problem."""
+    problems = _Problems(source, lines or {}, overrides or {})
+    notices: list[str] = []
+    known = [*SECTION_TYPES, "training", *TOP_LEVEL_SCALARS]
+    for key in data:
+        if key not in known:
+            problems.add(
+                (str(key),), f"is not a config section{_suggest(str(key), known)} (valid: {', '.join(known)})"
+            )
+    moved: dict[str, Any] = {}
+    training = _build_training(data.get("training"), problems, notices, moved)
+    raw_data = dict(data.get("data") or {}) if isinstance(data.get("data"), dict) else data.get("data")
+    for dotted, value in moved.items():
+        if isinstance(raw_data, dict):
+            raw_data.setdefault(dotted.split(".")[1], value)
+    sections = {
+        name: _build_section(cls, raw_data if name == "data" else data.get(name), name, problems)
+        for name, cls in SECTION_TYPES.items()
+    }
+    top = {}
+    for key, typ in TOP_LEVEL_SCALARS.items():
+        if data.get(key) is not None:
+            try:
+                top[key] = _coerce(data[key], typ)
+            except ValueError as exc:
+                problems.add((key,), f"is {data[key]!r}; expected {exc}")
+    cfg = Config(**top, **sections, training=training, source=source, notices=notices)
+    _check_ranges(cfg, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    _fill_training_defaults(cfg)
+    return cfg
+
+
+def _fill_training_defaults(cfg: Config) -> None:
+    """Fill the lesson's defaults for what the user left out; the method decides the learning rate."""
+    explicit = set(cfg.training)
+    for key, value in TRAINING_DEFAULTS.items():
+        cfg.training.setdefault(key, value)
+    cfg.training.setdefault("learning_rate", DEFAULT_LR[cfg.model.method])
+    if (
+        str(cfg.training["eval_strategy"]) in ("no", "IntervalStrategy.NO")
+        and "load_best_model_at_end" not in explicit
+    ):
+        cfg.training["load_best_model_at_end"] = False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply `key=value` overrides.
+
+    Raises:
+        ConfigError: listing every problem, each with file:line or the override as written.
+    """
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data, lines = _read_yaml(Path(path))
+    written: dict[tuple[str, ...], str] = {}
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        written[key_path] = text
+        if key_path[0] == "training" and len(key_path) == 2 and key_path[1] in LEGACY_TRAINING_KEYS:
+            written[("training", LEGACY_TRAINING_KEYS[key_path[1]])] = text
+        _set_path(data, key_path, value)
+    return build_config(data, source, lines, written)
+
+
+def load_resolved(run_dir: Path) -> Config:
+    """Load the resolved `config.yaml` a run directory recorded."""
+    return load_config(run_dir / "config.yaml")
+
+
+# ----------------------------------------------------------------------------- tunewise init
+
+_COMMENTS = {
+    "name": "run name (directory under output_dir); empty: <method>-<time>",
+    "output_dir": "parent directory of run directories",
+    "num_train_epochs": "passes over the training data (1-3 for small datasets; more overfits)",
+    "per_device_train_batch_size": "examples per forward pass per process",
+    "per_device_eval_batch_size": "examples per evaluation forward pass",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (effective batch = batch x this x procs)",
+    "lr_scheduler_type": "learning-rate schedule after warmup",
+    "warmup_steps": "a fraction < 1 of all steps, or a number of steps (3%; 50-100 steps for long runs)",
+    "optim": "optimizer; paged_adamw_32bit needs bitsandbytes (replaced with a notice where it cannot run)",
+    "weight_decay": "L2-style decay on weights",
+    "max_grad_norm": "gradient clipping; 0 turns it off (the lesson: 0.3)",
+    "gradient_checkpointing": "recompute activations in backward: less memory, ~30% more time",
+    "logging_steps": "log loss/grad norm/lr every N steps (the monitor sees every step regardless)",
+    "eval_strategy": "when to evaluate: steps | epoch | no",
+    "eval_steps": "evaluate every N steps",
+    "save_strategy": "when to save checkpoints",
+    "save_steps": "save a checkpoint every N steps",
+    "save_total_limit": "checkpoints kept (the best and the newest are never deleted)",
+    "load_best_model_at_end": "load the checkpoint with the best eval loss when training ends",
+    "metric_for_best_model": "metric that picks the best checkpoint",
+    "greater_is_better": "false for losses",
+    "report_to": "where metrics go besides metrics.jsonl",
+    "logging_nan_inf_filter": "false: a NaN is logged as NaN, not hidden as 0.0",
+    "seed": "random seed",
+    "learning_rate": "peak learning rate (LoRA/QLoRA ~2e-4, full ~2e-5)",
+}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in a section dataclass's source."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
+            comments[stripped.split(":")[0].strip()] = stripped.split("#", 1)[1].strip()
+    return comments
+
+
+def starter_config_text() -> str:
+    """The text `tunewise init` writes: every default with a one-line comment each."""
+    cfg = load_config(None)
+    out = [
+        "# tunewise config. Run: tunewise train THIS.yaml   Override: tunewise train THIS.yaml adapter.r=16",
+        "# Every TrainingArguments field is accepted under `training:` by its own name.",
+        "",
+    ]
+    for key in TOP_LEVEL_SCALARS:
+        out.append(f"{key}: {_scalar(getattr(cfg, key))}  # {_COMMENTS[key]}")
+    for section in ["model", "adapter", "data", "training", "doctor"]:
+        out.append(f"{section}:")
+        if section == "training":
+            values, comments = cfg.training, _COMMENTS
+        else:
+            values, comments = (
+                dataclasses.asdict(getattr(cfg, section)),
+                _field_comments(SECTION_TYPES[section]),
+            )
+        for key, value in values.items():
+            out.append(f"  {key}: {_scalar(value)}  # {comments.get(key, '')}".rstrip(" #"))
+    return "\n".join(out) + "\n"
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

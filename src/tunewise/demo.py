@@ -1,0 +1,92 @@
+"""The demo: embedded model + bundled dataset -> check, plan, train, evaluate base vs tuned, doctor.
+
+Everything a newcomer runs with `make demo`; it prints where the run and its numbers are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunewise.config import load_config
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def run_demo(
+    say: Callable[..., None],
+    print_plan: Callable,
+    print_check: Callable,
+    print_finding: Callable,
+    print_eval: Callable,
+    progress: Any,
+    overrides: list[str] | None = None,
+) -> int:
+    """Run the whole demo; returns the exit status."""
+    from tunewise.check import run_check
+    from tunewise.diagnose import diagnose_path, render_diagnosis
+    from tunewise.evaluate import evaluate
+    from tunewise.model import resolve_model_path
+    from tunewise.train import TrainHooks, train
+
+    started = time.time()
+    cfg = load_config(DEMO_CONFIG, overrides)
+    say(
+        f"tunewise demo: {cfg.model.name} ({cfg.model.method}) on the bundled contacts -> JSON task",
+        style="bold",
+    )
+    say("1/5 model: obtaining the embedded default (first time: download + conversion, about a minute)")
+    say(f"    {resolve_model_path(cfg.model.name)}")
+    say("2/5 check")
+    report = run_check(cfg)
+    print_check(report, brief=True)
+    print_plan(report.plan)
+    if report.failed:
+        return 1
+    say("3/5 base model on the test split")
+    base = evaluate(cfg, None)
+    print_eval(base)
+    say("4/5 train")
+    hooks = TrainHooks(
+        on_notice=lambda n: say(f"notice: {n}"),
+        on_finding=print_finding,
+        on_step=progress.step,
+        on_start=progress.begin,
+    )
+    try:
+        result = train(cfg, hooks=hooks)
+    finally:
+        progress.end()
+    losses = _losses(result.run_dir)
+    say(
+        f"    {result.status}: loss at step 10 {losses.get(10, float('nan')):.4f}, at the end (step "
+        f"{max(losses, default=0)}) {losses.get(max(losses, default=0), float('nan')):.4f}"
+    )
+    say("5/5 tuned model on the test split")
+    tuned = evaluate(cfg, result.run_dir)
+    print_eval(tuned)
+    (result.run_dir / "eval.json").write_text(json.dumps({"base": base, "tuned": tuned}, indent=2) + "\n")
+    say("doctor:", style="bold")
+    say(render_diagnosis(diagnose_path(result.run_dir)))
+    say(
+        f"demo finished in {time.time() - started:.0f}s. Run directory: {result.run_dir} "
+        f"(metrics.jsonl, findings.jsonl, result.json, eval.json, adapter/)",
+        style="bold",
+    )
+    say(
+        f"exact match: base {base['exact_match']:.0%} -> tuned {tuned['exact_match']:.0%}", style="bold green"
+    )
+    return 0 if result.status == "completed" else 1
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "train":
+            out[rec["step"]] = rec["loss"]
+    return out

@@ -1,0 +1,210 @@
+"""The live monitor: sees every optimizer step, records metrics.jsonl, guards updates, runs the doctor.
+
+`WatchedTrainer` is transformers' Trainer with two small hooks that record what the Trainer computes
+anyway (each micro-batch loss and the pre-clip gradient norm), so the monitor sees every optimizer step,
+not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) then:
+  - skips the optimizer update of a step whose loss or gradient norm is not finite (drops the gradients,
+    so the optimizer leaves weights and moments untouched: with bf16 there is no loss scaler to do it);
+  - writes one metrics.jsonl line per optimizer step and per evaluation (NaN stays NaN);
+  - feeds the doctor's CurveWatcher and writes its findings to findings.jsonl as they happen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from tunewise.diagnose import CurveWatcher, Finding, append_findings
+
+logger = logging.getLogger(__name__)
+
+
+class StepRecord:
+    """What one optimizer step did, filled by WatchedTrainer's hooks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros(())
+        self.micro = 0
+        self.tokens = 0
+        self.trained_tokens = 0
+        self.grad_norm: float | None = None
+        self.learning_rate: float | None = None
+
+
+class WatchedTrainer(Trainer):
+    """Trainer that records each micro-batch's loss and tokens and each step's pre-clip gradient norm."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_record = StepRecord()
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        rec = self.step_record
+        if "attention_mask" in inputs:
+            rec.tokens += int(inputs["attention_mask"].sum())
+        if "labels" in inputs:
+            rec.trained_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        rec.loss = rec.loss + loss.detach().float().cpu()
+        rec.micro += 1
+        return loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.step_record.grad_norm = float(norm) if norm is not None else None
+        return norm
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: GPU memory allocated on CUDA, resident set size on the CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class StepMonitor(TrainerCallback):
+    """Records every optimizer step, skips non-finite updates, and runs the doctor live."""
+
+    def __init__(
+        self,
+        trainer: WatchedTrainer,
+        run_dir: Path | None,
+        watcher: CurveWatcher,
+        on_finding: Callable[[Finding], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+        memory_limit: int = 0,
+        is_main: bool = True,
+    ):
+        self.trainer, self.run_dir, self.watcher = trainer, run_dir, watcher
+        self.on_finding, self.on_step, self.memory_limit, self.is_main = (
+            on_finding,
+            on_step,
+            memory_limit,
+            is_main,
+        )
+        self.findings: list[Finding] = []
+        self.diverged_at: int | None = None
+        self.skipped_steps: list[int] = []
+        self.last_step_time = self.start = time.time()
+        self.tokens_total = 0
+
+    # -- writing
+    def _write(self, name: str, record: dict) -> None:
+        if self.run_dir is not None and self.is_main:
+            with open(self.run_dir / name, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _emit(self, findings: list[Finding]) -> None:
+        for finding in findings:
+            self.findings.append(finding)
+            if self.run_dir is not None and self.is_main:
+                append_findings(self.run_dir / "findings.jsonl", [finding])
+            if self.on_finding is not None and self.is_main:
+                self.on_finding(finding)
+
+    # -- Trainer events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_step_time = time.time()
+        self.trainer.step_record.reset()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        rec = self.trainer.step_record
+        if kwargs.get("lr_scheduler") is not None:
+            rec.learning_rate = kwargs["lr_scheduler"].get_last_lr()[0]  # the rate this update uses
+        loss = float(rec.loss)
+        if not (_finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm))):
+            # Drop the gradients: optimizers skip parameters whose grad is None, so this step changes nothing.
+            for p in kwargs["model"].parameters():
+                p.grad = None
+            self.skipped_steps.append(state.global_step + 1)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        rec = self.trainer.step_record
+        now = time.time()
+        step_time = now - self.last_step_time
+        self.last_step_time = now
+        self.tokens_total += rec.tokens
+        lr = rec.learning_rate
+        loss = float(rec.loss)
+        record = {
+            "type": "train",
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": loss,
+            "grad_norm": rec.grad_norm,
+            "learning_rate": lr,
+            "tokens": rec.tokens,
+            "trained_tokens": rec.trained_tokens,
+            "tokens_total": self.tokens_total,
+            "tokens_per_s": rec.tokens / step_time if step_time > 0 else None,
+            "step_time": round(step_time, 4),
+            "time": round(now - self.start, 3),
+        }
+        if state.global_step == 1:
+            record["memory_bytes"] = peak_memory_bytes()
+        self._write("metrics.jsonl", record)
+        self._emit(
+            self.watcher.observe_train(
+                state.global_step, loss, rec.grad_norm, lr, state.epoch, trainable_tokens=rec.trained_tokens
+            )
+        )
+        if state.global_step == 1 and self.memory_limit:
+            self._check_memory(record["memory_bytes"])
+        if (
+            not (_finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm)))
+            and self.diverged_at is None
+        ):
+            self.diverged_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = True  # save state at the step of divergence (weights are still finite)
+        if self.on_step is not None and self.is_main:
+            self.on_step(record)
+        rec.reset()
+
+    def _check_memory(self, used: int) -> None:
+        if used > 0.9 * self.memory_limit:
+            self._emit(
+                [
+                    Finding(
+                        step=1,
+                        severity="warning",
+                        code="memory_high",
+                        title=f"memory at step 1 is {used / self.memory_limit:.0%} of the device",
+                        evidence={"memory_bytes": used, "device_bytes": self.memory_limit},
+                        causes=["batch or sequence length too large for this device"],
+                        fixes=[],
+                    )
+                ]
+            )
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
+    ) -> None:
+        metrics = metrics or {}
+        record = {
+            "type": "eval",
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            **{k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        }
+        self._write("metrics.jsonl", record)
+        if "eval_loss" in metrics:
+            self._emit(self.watcher.observe_eval(state.global_step, float(metrics["eval_loss"]), state.epoch))

@@ -1,0 +1,203 @@
+"""Plan: how many optimizer steps the Trainer will run, its cadence, and the memory it will need.
+
+The step count reproduces transformers' own arithmetic (`Trainer.set_initial_training_values` and
+accelerate's batch sharding): per process, the dataloader has ceil(ceil(N / batch) / processes)
+micro-batches per epoch; an epoch has ceil(micro-batches / accumulation) optimizer steps (a partial
+accumulation at the end of an epoch still steps); the total is ceil(epochs x steps per epoch) unless
+`max_steps` is set. The rule of thumb `(N // effective batch) x epochs` is shown beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tunewise.config import Config
+
+GIB = 1024**3
+
+
+@dataclass
+class StepPlan:
+    """Optimizer steps the Trainer will run."""
+
+    examples: int
+    processes: int
+    effective_batch: int
+    micro_batches_per_epoch: int  # per process
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    rule_of_thumb: int  # (examples // effective batch) x epochs: what people usually compute
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_steps(
+    examples: int, batch: int, accumulation: int, epochs: float, max_steps: int = -1, processes: int = 1
+) -> StepPlan:
+    """The number of optimizer steps transformers' Trainer runs for this data and batch geometry."""
+    batches = math.ceil(examples / batch) if examples else 0
+    micro = math.ceil(batches / processes) if batches else 0
+    per_epoch = max(micro // accumulation + int(micro % accumulation > 0), 1)
+    total = max_steps if max_steps > 0 else math.ceil(epochs * per_epoch)
+    effective = batch * accumulation * processes
+    run_epochs = total / per_epoch if max_steps > 0 else epochs
+    return StepPlan(
+        examples,
+        processes,
+        effective,
+        micro,
+        per_epoch,
+        total,
+        run_epochs,
+        int((examples // effective) * epochs),
+    )
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """transformers 5 reads warmup_steps < 1 as a fraction of all steps (rounded up), else a count."""
+    return math.ceil(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+
+
+def _cadence(strategy: Any, every: float | None, steps: StepPlan) -> tuple[int, float]:
+    """(events in the whole run, events per epoch) for an eval/save/logging strategy."""
+    strategy = str(getattr(strategy, "value", strategy))
+    if strategy == "no":
+        return 0, 0.0
+    if strategy == "epoch":
+        return math.ceil(steps.epochs), 1.0
+    interval = every or 500
+    if 0 < interval < 1:
+        interval = math.ceil(interval * steps.total_steps)
+    interval = int(interval)
+    return steps.total_steps // interval, steps.steps_per_epoch / interval
+
+
+# ----------------------------------------------------------------------------- memory
+
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _model_shape(cfg: Config) -> dict[str, int] | None:
+    """Parameter counts by kind, from the model's config alone (meta device: no weights are read)."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from tunewise.model import resolve_model_path
+
+        mconf = AutoConfig.from_pretrained(
+            resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
+        )
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(mconf)
+    except Exception:  # an unreachable hub id: plan still reports steps
+        return None
+    import torch
+
+    linear = other = lora = 0
+    output = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            linear += module.weight.numel()
+            lora += cfg.adapter.r * (module.in_features + module.out_features)
+    total = sum(p.numel() for p in model.parameters())
+    other = total - linear
+    return {
+        "total": total,
+        "linear": linear,
+        "other": other,
+        "lora": lora,
+        "layers": int(getattr(mconf, "num_hidden_layers", 1)),
+        "hidden": int(getattr(mconf, "hidden_size", 1)),
+        "heads": int(getattr(mconf, "num_attention_heads", 1)),
+        "vocab": int(getattr(mconf, "vocab_size", 1)),
+    }
+
+
+def estimate_memory(
+    cfg: Config, shape: dict[str, int], precision: str, batch: int, seq: int
+) -> dict[str, Any]:
+    """Peak training memory in bytes, by part, with and without gradient checkpointing."""
+    method, b = cfg.model.method, BYTES.get(precision, 4)
+    if method == "qlora":
+        weights = shape["linear"] * 0.5 * 1.03 + shape["other"] * b  # NF4 + double-quantized scales
+    elif method == "lora":
+        weights = shape["total"] * b
+    else:
+        weights = shape["total"] * 4  # fp32 master weights
+    trainable = shape["total"] if method == "full" else shape["lora"]
+    adapter = 0 if method == "full" else trainable * 4
+    optim = str(cfg.training.get("optim", "adamw_torch"))
+    optim_bytes = trainable * (2 if "8bit" in optim else 8)
+    gradients = trainable * 4
+    act_b = b if precision != "fp32" else 4
+    s, h, L, a = seq, shape["hidden"], shape["layers"], shape["heads"]
+    per_layer_full = batch * s * h * (34 + 5 * a * s / h) * act_b / 2  # Korthikanti et al., scaled to dtype
+    logits = batch * s * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+    with_ckpt = L * batch * s * h * act_b + per_layer_full + logits
+    without = L * per_layer_full + logits
+    fixed = weights + adapter + gradients + optim_bytes
+    use_ckpt = bool(
+        cfg.training.get("gradient_checkpointing") or cfg.training.get("activation_checkpointing")
+    )
+    return {
+        "weights": int(weights),
+        "adapter": int(adapter),
+        "gradients": int(gradients),
+        "optimizer": int(optim_bytes),
+        "activations_with_checkpointing": int(with_ckpt),
+        "activations_without_checkpointing": int(without),
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(shape["total"]),
+        "peak": int(fixed + (with_ckpt if use_ckpt else without)),
+        "peak_with_checkpointing": int(fixed + with_ckpt),
+        "peak_without_checkpointing": int(fixed + without),
+        "batch": batch,
+        "seq_len": seq,
+    }
+
+
+def plan_run(
+    cfg: Config, n_train: int, n_validation: int, processes: int = 1, hw: Any = None, longest: int = 0
+) -> dict[str, Any]:
+    """The whole plan: steps, warmup, cadence, memory against the device; what plan.json records."""
+    t = cfg.training
+    steps = plan_steps(
+        n_train,
+        int(t["per_device_train_batch_size"]),
+        int(t["gradient_accumulation_steps"]),
+        float(t["num_train_epochs"]),
+        int(t.get("max_steps", -1)),
+        processes,
+    )
+    evals, evals_per_epoch = _cadence(
+        t.get("eval_strategy", "no") if n_validation else "no",
+        t.get("eval_steps") or t.get("logging_steps"),
+        steps,
+    )
+    saves, saves_per_epoch = _cadence(t.get("save_strategy", "steps"), t.get("save_steps"), steps)
+    plan: dict[str, Any] = {
+        "steps": steps.to_dict(),
+        "warmup_steps": warmup_steps(float(t.get("warmup_steps", 0)), steps.total_steps),
+        "validation_examples": n_validation,
+        "evaluations": evals,
+        "evaluations_per_epoch": round(evals_per_epoch, 2),
+        "saves": saves,
+        "saves_per_epoch": round(saves_per_epoch, 2),
+        "learning_rate": t["learning_rate"],
+        "method": cfg.model.method,
+    }
+    if hw is not None:
+        plan["hardware"] = hw.to_dict()
+        shape = _model_shape(cfg)
+        if shape:
+            seq = min(longest or cfg.data.max_seq_length, cfg.data.max_seq_length)
+            mem = estimate_memory(cfg, shape, hw.precision, int(t["per_device_train_batch_size"]), seq)
+            mem["device_bytes"] = hw.memory_bytes
+            mem["fraction_of_device"] = round(mem["peak"] / hw.memory_bytes, 4) if hw.memory_bytes else None
+            plan["memory"] = mem
+    return plan
