@@ -65,7 +65,7 @@ def small_data(tmp_path: Path) -> dict[str, Path]:
     return write_subset(tmp_path / "data")
 
 
-def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra: object) -> list[str]:
+def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, extra: dict | None = None) -> list[str]:
     """Overrides that point a config at the tiny model and small data, with a short schedule."""
     base = {
         "model.name": str(model_dir),
@@ -81,11 +81,10 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, **extra: o
         "training.logging_steps": 2,
         "training.eval_steps": 3,
         "training.save_steps": 3,
-        "training.report_to": "[tensorboard]",
         "training.optim": "adamw_torch",
         "training.gradient_checkpointing": False,
     }
-    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    base.update(extra or {})
     return [f"{k}={v}" for k, v in base.items()]
 
 

@@ -41,7 +41,8 @@ SHAPES = {
     "spike_recovers": ({"loss_spike", "grad_norm_spike"}, "loss_spike", DIVERGENCE_FIXES),
     "flat_lora_lr2e-5": ({"not_falling", "flat"}, "flat",
                          ["data.train_on=assistant", "training.learning_rate=2.0e-04", None]),
-    "flat_full_lr1e-6": ({"flat"}, "flat", ["training.learning_rate=1.0e-05", "data.train_on=assistant", None]),
+    "flat_full_lr1e-6": ({"flat"}, "flat",
+                         ["training.learning_rate=1.0e-05", "data.train_on=assistant", None]),
     "flat_no_grad": ({"flat"}, "flat", [None, "data.train_on=assistant", "training.learning_rate=2.0e-03"]),
     "overfit_small_data": ({"overfitting", "epoch_drop"}, "overfitting", OVERFIT_FIXES),
     "resumed_healthy": (set(), None, None),
@@ -106,7 +107,8 @@ def test_overfit_best_checkpoint_is_the_best_eval() -> None:
     d = diagnose_path(STATES / "overfit_small_data.json")
     assert d.best_checkpoint == "checkpoint-80"
     overfit = next(f for f in d.findings if f.code == "overfitting")
-    assert overfit.evidence["best_eval_step"] == 80 and overfit.evidence["best_eval_loss"] == pytest.approx(1.62, 0.01)
+    assert overfit.evidence["best_eval_step"] == 80
+    assert overfit.evidence["best_eval_loss"] == pytest.approx(1.62, 0.01)
     assert d.exit_code() == 1
 
 
@@ -162,6 +164,14 @@ def test_watcher_healthy_curve_raises_nothing() -> None:
     watcher = CurveWatcher(method="lora", learning_rate=2e-4, max_grad_norm=0.3)
     assert all(f == [] for f in feed(watcher, falling(200)).values())
     assert watcher.finish() == [] and diagnose_curve(curve_of(falling(200))).verdict == "healthy"
+
+
+def test_watcher_noisy_per_step_losses_raise_nothing() -> None:
+    # Live, every optimizer step: batch-to-batch noise of 10% must not look like spikes or a flat loss.
+    rng = random.Random(3)
+    losses = [(1.0 + 1.2 * math.exp(-s / 80)) * math.exp(rng.gauss(0, 0.1)) for s in range(600)]
+    watcher = CurveWatcher(method="lora", learning_rate=2e-4, warmup_steps=18, total_steps=600)
+    assert all(f == [] for f in feed(watcher, losses).values()) and watcher.finish() == []
 
 
 def test_watcher_fires_at_the_first_non_finite_step_and_does_not_spam() -> None:
@@ -256,10 +266,11 @@ def test_watcher_overfitting_on_rising_eval() -> None:
     watcher = CurveWatcher(method="lora")
     losses = falling(200, floor=0.5)
     found = []
+    evals = {40: 1.5, 80: 1.3, 120: 1.35, 160: 1.45, 200: 1.6}
     for step in range(1, 201):
         watcher.observe_train(step, losses[step - 1], 0.5, 2e-4, step / 50)
         if step % 40 == 0:
-            found += watcher.observe_eval(step, {40: 1.5, 80: 1.3, 120: 1.35, 160: 1.45, 200: 1.6}[step], step / 50)
+            found += watcher.observe_eval(step, evals[step], step / 50)
     codes = [f.code for f in found]
     assert codes.count("overfitting") == 1
     overfit = next(f for f in found if f.code == "overfitting")
@@ -278,7 +289,7 @@ def test_watcher_memorization_and_full_fine_tuning_drops_adapter_fixes() -> None
 def test_watcher_epoch_drop() -> None:
     watcher = CurveWatcher(steps_per_epoch=10)
     losses = [2.0 - 0.005 * i for i in range(10)] + [1.5 - 0.005 * i for i in range(10)]
-    found = [f for step, loss in enumerate(losses, 1) for f in watcher.observe_train(step, loss, 0.5, 1e-4, None)]
+    found = [f for step, x in enumerate(losses, 1) for f in watcher.observe_train(step, x, 0.5, 1e-4, None)]
     assert [f.code for f in found] == ["epoch_drop"] and found[0].evidence["epoch"] == 2
 
 
@@ -296,7 +307,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def test_run_dir_with_metrics_jsonl_config_and_result(tmp_path: Path) -> None:
     records = [{"type": "train", "step": s, "epoch": s / 100, "loss": 2.3 - 0.05 * s, "grad_norm": 0.8,
-                "learning_rate": 5e-2, "tokens": 1024, "trained_tokens": 400, "tokens_per_s": 500.0, "time": s}
+                "learning_rate": 5e-2, "tokens": 1024, "trained_tokens": 400, "tokens_per_s": 500.0,
+                "time": s}
                for s in range(1, 7)]
     records.insert(3, {"type": "eval", "step": 3, "epoch": 0.03, "eval_loss": 2.4})
     records.append({"type": "train", "step": 7, "epoch": 0.07, "loss": math.nan, "grad_norm": math.inf,
@@ -332,13 +344,40 @@ def test_run_dir_without_eval_keeps_the_last_checkpoint_before_divergence(tmp_pa
     assert diagnose_path(tmp_path).best_checkpoint == "checkpoint-10"
 
 
+def test_resume_in_metrics_jsonl_drops_the_abandoned_attempt(tmp_path: Path) -> None:
+    # tunewise's recovery: diverged at step 8, resumed from checkpoint-5 with a lower rate, stopped at 7.
+    first = [{"type": "train", "step": s, "loss": 2.0 - 0.05 * s, "grad_norm": 0.5} for s in range(1, 8)]
+    first.append({"type": "train", "step": 8, "loss": math.nan, "grad_norm": math.nan})
+    again = [{"type": "train", "step": s, "loss": 1.7 - 0.05 * s, "grad_norm": 0.4} for s in (6, 7)]
+    first.insert(6, {"type": "eval", "step": 6, "eval_loss": 9.0})
+    write_jsonl(tmp_path / "metrics.jsonl", first + again)
+    curve = load_curve(tmp_path)
+    assert [p.step for p in curve.train] == [1, 2, 3, 4, 5, 6, 7] and curve.eval == []
+    assert curve.train[-1].loss == pytest.approx(1.35)
+    assert diagnose_path(tmp_path).verdict == "healthy"
+
+
+def test_plan_json_gives_warmup_and_total_steps(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "metrics.jsonl", [{"type": "train", "step": s, "loss": x, "grad_norm": 0.5,
+                                              "learning_rate": 2e-4} for s, x in enumerate([2.3, 2.2, 2.1,
+                                                                                           math.nan], 1)])
+    (tmp_path / "config.yaml").write_text("model: {method: qlora}\ntraining: {warmup_steps: 0.03}\n")
+    (tmp_path / "plan.json").write_text(json.dumps({"warmup_steps": 6, "steps": {"total_steps": 189,
+                                                                                 "steps_per_epoch": 63}}))
+    finding = diagnose_path(tmp_path).findings[0]
+    # 0.03 is a fraction of all steps, not "no warmup"; plan.json has the count; 10% of 189 < 100 < 189/2
+    assert "too little warmup (6 steps)" in finding.causes
+    assert "training.warmup_steps=94" in changes(finding)
+
+
 def test_trainer_output_dir_reads_the_newest_checkpoint(tmp_path: Path) -> None:
     full = json.loads((STATES / "healthy_lora.json").read_text())
     for step in (100, 200, 300):
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
         history = [h for h in full["log_history"] if h.get("step", 0) <= step and "train_runtime" not in h]
-        (ckpt / "trainer_state.json").write_text(json.dumps({**full, "log_history": history, "global_step": step}))
+        state = {**full, "log_history": history, "global_step": step}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
     curve = load_curve(tmp_path)
     assert curve.train[-1].step == 300 and curve.checkpoints == [100, 200, 300]
     d = diagnose_path(tmp_path)
@@ -358,7 +397,8 @@ def test_tensorboard_event_files(tmp_path: Path) -> None:
     writer.add_scalar("eval/loss", 2.1, 5)
     writer.close()
     curve = load_curve(tmp_path)  # found nested, as Trainer writes them
-    assert [p.step for p in curve.train] == list(range(1, 11)) and curve.eval[0].eval_loss == pytest.approx(2.1)
+    assert [p.step for p in curve.train] == list(range(1, 11))
+    assert curve.eval[0].eval_loss == pytest.approx(2.1)
     d = diagnose_path(tmp_path)
     assert d.verdict == "diverged" and d.findings[0].step == 9 and d.best_checkpoint == "checkpoint-5"
 
@@ -400,7 +440,8 @@ def test_nothing_readable_raises(tmp_path: Path) -> None:
 
 def test_findings_jsonl_round_trip(tmp_path: Path) -> None:
     finding = Finding(7, "error", "non_finite", "loss went to NaN", {"loss": math.nan, "step": 7},
-                      ["learning rate too high"], [Fix("training.learning_rate=5.0e-03", "smaller"), Fix(None, "x")])
+                      ["learning rate too high"],
+                      [Fix("training.learning_rate=5.0e-03", "smaller"), Fix(None, "x")])
     path = tmp_path / "findings.jsonl"
     append_findings(path, [finding])
     append_findings(path, [finding])

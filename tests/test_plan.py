@@ -119,7 +119,8 @@ def test_plan_matches_accelerate_sharding(tiny_llama, tmp_path, examples, batch,
     micro = len(shard)
     assert micro == len(list(shard))  # the length accelerate reports is what it yields
     trainer = Trainer(model=tiny_llama, args=_args(tmp_path, batch, accumulation, epochs, -1))
-    _, per_epoch, *_, max_steps = trainer.set_initial_training_values(trainer.args, _SizedLoader(micro, examples))
+    loader = _SizedLoader(micro, examples)
+    _, per_epoch, *_, max_steps = trainer.set_initial_training_values(trainer.args, loader)
     plan = plan_steps(examples, batch, accumulation, epochs, processes=processes)
     assert plan.micro_batches_per_epoch == micro
     assert plan.steps_per_epoch == per_epoch

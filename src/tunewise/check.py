@@ -174,9 +174,15 @@ def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
 
     sources = [e.source for e in bundle.train + (bundle.validation or [])] + bundle.stats.no_trained_sources
     out: dict[str, list[dict]] = {}
-    for path in dict.fromkeys(_source_file(s) for s in sources):
-        conversations, file_sources, _ = load_conversations(path, cfg.data)
-        out.update(zip(file_sources, conversations, strict=True))
+    data_logger = logging.getLogger("tunewise.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)  # build_datasets already reported the skipped rows once
+    try:
+        for path in dict.fromkeys(_source_file(s) for s in sources):
+            conversations, file_sources, _ = load_conversations(path, cfg.data)
+            out.update(zip(file_sources, conversations, strict=True))
+    finally:
+        data_logger.setLevel(level)
     return out
 
 

@@ -23,8 +23,8 @@ from rich.console import Console
 
 from tunewise.config import ConfigError, load_config
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
@@ -201,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_start=progress.begin,
     )
     try:
-        result = train(cfg, resume=args.resume, hooks=hooks)
+        result = train(cfg, resume=args.resume, hooks=hooks, force=args.force)
     finally:
         progress.end()
     if int(os.environ.get("RANK", "0")) != 0:

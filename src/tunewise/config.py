@@ -233,8 +233,17 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 # ----------------------------------------------------------------------------- values and types
 
 
+# Names other trainers and tutorials use for our keys, for suggestions difflib cannot guess.
+ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+           "model_name": "name", "model_name_or_path": "name", "train_file": "train", "eval_file": "validation"}
+
+
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    if ALIASES.get(name) in choices:
+        return f"; did you mean `{ALIASES[name]}`?"
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
@@ -343,7 +352,7 @@ def _build_section(cls: type, raw: Any, section: str, problems: _Problems) -> An
         path = (section, str(key))
         if key not in names:
             problems.add(
-                path, f"is not a {section} setting{_suggest(str(key), names)} (valid: {', '.join(names)})"
+                path, f"is not a setting of `{section}`{_suggest(str(key), names)} (valid: {', '.join(names)})"
             )
             continue
         try:
@@ -381,7 +390,7 @@ def _check_ranges(cfg: Config, problems: _Problems) -> None:
     for key in positive:
         if key in t and isinstance(t[key], int | float) and t[key] <= 0:
             checks.append((("training", key), False, f"is {t[key]}; must be > 0"))
-    if isinstance(t.get("learning_rate"), float) and t["learning_rate"] >= 1:
+    if isinstance(t.get("learning_rate"), int | float) and t["learning_rate"] >= 1:
         checks.append(
             (
                 ("training", "learning_rate"),
@@ -456,7 +465,7 @@ def build_config(
             )
     moved: dict[str, Any] = {}
     training = _build_training(data.get("training"), problems, notices, moved)
-    raw_data = dict(data.get("data") or {}) if isinstance(data.get("data"), dict) else data.get("data")
+    raw_data = dict(data.get("data") or {}) if isinstance(data.get("data") or {}, dict) else data.get("data")
     for dotted, value in moved.items():
         if isinstance(raw_data, dict):
             raw_data.setdefault(dotted.split(".")[1], value)
@@ -485,6 +494,11 @@ def _fill_training_defaults(cfg: Config) -> None:
     for key, value in TRAINING_DEFAULTS.items():
         cfg.training.setdefault(key, value)
     cfg.training.setdefault("learning_rate", DEFAULT_LR[cfg.model.method])
+    if cfg.training.get("save_total_limit") == 1 and cfg.training.get("load_best_model_at_end"):
+        # Trainer deletes every checkpoint but the best at the end when the limit is 1: the newest would go
+        cfg.training["save_total_limit"] = 2
+        cfg.notices.append("training.save_total_limit=1 would delete the newest checkpoint when training ends; "
+                           "keeping 2 (the best and the newest)")
     if (
         str(cfg.training["eval_strategy"]) in ("no", "IntervalStrategy.NO")
         and "load_best_model_at_end" not in explicit

@@ -577,7 +577,7 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
 
 
 def _encode_all(conversations: list[list[dict]], sources: list[str], tokenizer: Any, cfg: DataConfig,
-                stats: DataStats, problems: list[str]) -> list[EncodedExample]:
+                stats: DataStats, problems: list[str], keep_untrained: bool = False) -> list[EncodedExample]:
     """Encode a split, updating the stats; problems collect the errors to raise once."""
     examples = []
     for messages, source in zip(conversations, sources, strict=True):
@@ -598,18 +598,21 @@ def _encode_all(conversations: list[list[dict]], sources: list[str], tokenizer: 
         if example.n_trained == 0:  # nothing to learn; a batch of only these gives a NaN loss
             stats.no_trained_tokens += 1
             stats.no_trained_sources.append(source)
-            continue
+            if not keep_untrained:
+                continue
         examples.append(example)
     stats.encoded += len(examples)
     return examples
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any) -> DataBundle:
+def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False) -> DataBundle:
     """Load, validate, split and encode the train/validation data and load the test conversations.
 
     Sets `tokenizer.chat_template` when `data.chat_template` is given or the tokenizer has none (the
     default template, logged), so generation later uses the template training used. Examples with no
-    trained token are left out and counted in `stats.no_trained_tokens`.
+    trained token are left out and counted in `stats.no_trained_tokens` (kept, still counted, with
+    `keep_untrained`: `train --force` trains what the user forced past the check, so the monitor can
+    diagnose it).
 
     Raises:
         DataError: bad rows (with `on_bad_rows: error`), over-long rows (with `too_long: error`), or
@@ -636,7 +639,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> DataBundle:
         (train, validation) = split_validation(train, cfg.validation_split, cfg.seed)
         (train_sources, validation_sources) = split_validation(train_sources, cfg.validation_split, cfg.seed)
     problems: list[str] = []
-    train_examples = _encode_all(train, train_sources, tokenizer, cfg, stats, problems)
+    train_examples = _encode_all(train, train_sources, tokenizer, cfg, stats, problems, keep_untrained)
     validation_examples = None
     if validation is not None:
         validation_examples = _encode_all(validation, validation_sources, tokenizer, cfg, stats, problems)

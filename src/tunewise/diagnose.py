@@ -10,17 +10,21 @@ a Trainer log):
 
 - non_finite (error): the first NaN/inf loss or grad norm. A loss logged as exactly 0.0 with a
   non-finite grad norm is a NaN that Trainer's `logging_nan_inf_filter` hid.
-- loss_spike (warning): loss > 2x the running minimum and > minimum + 1.0, or > 2x the median of
-  the last 5 calm points and > that median + 0.5 (catches small-loss tasks). Over once the loss is
-  back under max(1.25x, +0.25) of that median. loss_explosion (error): > 5x the minimum and
+- loss_spike (warning): loss > 2x the running minimum (of the 5-point median) and > minimum + 1.0,
+  or > 2x the median of the last 5 calm points and > that median + 0.5 (catches small-loss
+  tasks); either way also > that median + 8 robust standard deviations of the last 20 calm points
+  (per-step losses are noisy; 10% of the median is assumed below 10 points). Over once the loss is
+  back under max(1.25x, +0.25) of the median. loss_explosion (error): > 5x the minimum and
   > minimum + 3.0, spiked for 10 points in a row, or still spiked when the run ends.
 - grad_norm_spike (warning): > 10x the median of the last 20 calm grad norms; over under 3x.
-- not_falling (warning) at point 10 (or at the end of warmup, up to point 25): mean of the first 3
-  points minus mean of the last 3 must exceed max(1% of the start, std of the first 3).
-- flat: mean of the last 5 points above 95% of the mean of the first 3, at point 50 (warning),
-  at point 100 and at the end of the run (error).
+- not_falling (warning) at point 10 (or at the end of warmup, up to point 25): the mean of the last
+  3 points is not below the mean of the first 3 by more than 1% of it, nor by more than the noise
+  (std of the points around their straight-line fit). Skipped when that noise would hide a 5% fall.
+- flat: the mean of the last tenth of the points (at least 5) is above 95% of the mean of the first
+  tenth (at least 3), at point 50 (warning), at point 100 and at the end of the run (error).
 - overfitting: eval loss rose at 2 evals in a row (> 1% in all) while train loss fell.
-  generalization_gap: eval minus recent train loss > 0.3 (healthy is ~0.1-0.3) and growing.
+  generalization_gap: eval minus the mean of the last 10 train losses > 0.3 (healthy is ~0.1-0.3)
+  plus 2 standard errors of that mean, and growing.
   memorization: train < 0.1 with eval > 1.0. epoch_drop: train loss falls at an epoch boundary by
   > 10% (and > 0.05), > 3x its fall just before, and > 3 standard errors of its noise.
 
@@ -36,7 +40,7 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import yaml
 
@@ -47,9 +51,10 @@ Verdict = Literal["healthy", "diverged", "flat", "overfitting", "unstable", "ins
 Advice = tuple[list[str], list["Fix"]]
 
 SPIKE_RATIO, SPIKE_ABOVE_MIN, SPIKE_ABOVE_MEDIAN, MEDIAN_WINDOW = 2.0, 1.0, 0.5, 5
+SPIKE_SIGMAS, NOISE_WINDOW = 8.0, 20
 EXPLOSION_RATIO, EXPLOSION_ABOVE_MIN, EXPLOSION_POINTS = 5.0, 3.0, 10
 GRAD_SPIKE_RATIO, GRAD_CALM_RATIO, GRAD_WINDOW = 10.0, 3.0, 20
-NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND = 10, 50, 100, 0.05
+NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY = 10, 50, 100, 0.05, 0.05
 GAP_LIMIT, MEMORIZED_TRAIN, MEMORIZED_EVAL, EPOCH_DROP = 0.3, 0.1, 1.0, 0.10
 MIN_POINTS = 5
 # Rates below LOW_LR barely move a run, above HIGH_LR they often blow it up; None = method unknown.
@@ -165,6 +170,21 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def _ends(values: list[float], early: bool) -> tuple[float, float]:
+    """Mean loss at the start and now: 3 points each early on, later a tenth of the run (at least 3
+    and 5 points) so that per-step noise averages out."""
+    if early:
+        return statistics.fmean(values[:3]), statistics.fmean(values[-3:])
+    n = len(values)
+    return statistics.fmean(values[:max(3, n // 10)]), statistics.fmean(values[-max(5, n // 10):])
+
+
+def _noise(values: list[float]) -> float:
+    """Standard deviation of the points around their straight-line fit: the batch-to-batch noise."""
+    slope, intercept = statistics.linear_regression(range(len(values)), values)
+    return statistics.stdev(v - (intercept + slope * i) for i, v in enumerate(values))
+
+
 def _rank(items: list[tuple[float, str, "Fix"]]) -> Advice:
     """Sort (score, cause, fix) by score, keeping the default order among equals."""
     ordered = sorted(items, key=lambda item: -item[0])
@@ -172,6 +192,15 @@ def _rank(items: list[tuple[float, str, "Fix"]]) -> Advice:
 
 
 # ----------------------------------------------------------------------------- the rules
+
+
+class _Eval(NamedTuple):
+    step: int
+    loss: float
+    train: float | None  # recent train loss, for the gap
+    train_se: float  # its standard error
+    epoch: float | None
+
 
 
 class CurveWatcher:
@@ -201,7 +230,7 @@ class CurveWatcher:
         self._peak_lr: float | None = None
         self._zero_tokens = False
         self._by_epoch: dict[int, list[float]] = {}
-        self._evals: list[tuple[int, float, float | None, float | None]] = []  # step, eval, train, epoch
+        self._evals: list[_Eval] = []
         self._last_step = 0
 
     def observe_train(self, step: int, loss: float, grad_norm: float | None, lr: float | None,
@@ -225,8 +254,8 @@ class CurveWatcher:
         """Check one evaluation; returns the findings it raised."""
         if not _finite(eval_loss):
             return []  # a non-finite eval follows a non-finite train loss, which is reported already
-        self._evals.append((step, eval_loss, self._recent_train(), epoch))
-        if eval_loss <= min(e[1] for e in self._evals):
+        self._evals.append(_Eval(step, eval_loss, *self._recent_train(), epoch))
+        if eval_loss <= min(e.loss for e in self._evals):
             self._close("overfitting", step)
         new = self._check_eval_rising(step) + self._check_gap(step) + self._check_memorized(step)
         self.findings += new
@@ -239,9 +268,9 @@ class CurveWatcher:
             new.append(self._explosion(self._last_step, self.losses[-1][1], at_end=True))
         values = [loss for _, loss in self.losses]
         if len(values) >= NOT_FALLING_AT and "loss_spike" not in self.open_episodes:
-            start = statistics.fmean(values[:3])
-            self.end_change = (statistics.fmean(values[-5:]) - start) / abs(start) if start else None
-            if self.flat_at_end and not any((f.code, f.severity) == ("flat", "error") for f in self.findings):
+            start, now = _ends(values, early=False)
+            self.end_change = (now - start) / abs(start) if start else None
+            if self.flat_at_end and not self._fired("flat", "error"):
                 new.append(self._progress("flat", "error", self.losses[-1][0], at_end=True))
         self.findings += new
         return new
@@ -258,33 +287,41 @@ class CurveWatcher:
         self.open_episodes[code] = step
         return True
 
+    def _fired(self, code: str, severity: Severity | None = None) -> bool:
+        """Whether a finding with this code (and severity) was raised already: the once-per-run rules."""
+        return any(f.code == code and severity in (None, f.severity) for f in self.findings)
+
     def _close(self, code: str, step: int) -> None:
         if code in self.open_episodes:
             self.recovered.append((code, self.open_episodes.pop(code), step))
 
     def _record(self, step: int, loss: float, epoch: float | None) -> None:
         self.losses.append((step, loss))
-        if self._min is None or loss < self._min[1]:
-            self._min = (step, loss)
         if "loss_spike" not in self.open_episodes:
             self._calm.append(loss)
+            # The minimum of a 5-point median: the minimum of raw per-step losses sits far below the curve.
+            smooth = statistics.median(self._calm[-MEDIAN_WINDOW:])
+            if self._min is None or smooth < self._min[1]:
+                self._min = (step, smooth)
         # Trainer logs epoch 1.0 on the last step of the first epoch, so (0, 1] is epoch 0.
         index = (max(0, math.ceil(epoch - 1e-9) - 1) if _finite(epoch) and epoch > 0
                  else (step - 1) // self.steps_per_epoch if self.steps_per_epoch else None)
         if index is not None:
             self._by_epoch.setdefault(index, []).append(loss)
 
-    def _recent_train(self) -> float | None:
-        """Mean of up to 5 train losses since the previous eval: the train side of the gap."""
-        since = self._evals[-1][0] if self._evals else -1
-        recent = [x for step, x in self.losses if step > since][-5:] or [x for _, x in self.losses[-5:]]
-        return statistics.fmean(recent) if recent else None
+    def _recent_train(self) -> tuple[float | None, float]:
+        """Mean of the last 10 train losses since the previous eval, and its standard error."""
+        since = self._evals[-1].step if self._evals else -1
+        recent = [x for step, x in self.losses if step > since][-10:] or [x for _, x in self.losses[-10:]]
+        if len(recent) < 2:
+            return (recent[0] if recent else None), 0.0
+        return statistics.fmean(recent), statistics.stdev(recent) / math.sqrt(len(recent))
 
     def _best_eval(self) -> dict[str, Any]:
         if not self._evals:
             return {}
-        best = min(self._evals, key=lambda e: e[1])
-        return {"best_eval_step": best[0], "best_eval_loss": best[1], "best_eval_epoch": best[3]}
+        best = min(self._evals, key=lambda e: e.loss)
+        return {"best_eval_step": best.step, "best_eval_loss": best.loss, "best_eval_epoch": best.epoch}
 
     # -- divergence
     def _on_non_finite(self, step: int, loss: float, grad_norm: float | None, lr: float | None,
@@ -306,7 +343,7 @@ class CurveWatcher:
                     "last_finite_loss": last[1] if last else None,
                     "last_finite_step": last[0] if last else None,
                     "nan_hidden_by_logging_filter": hidden, "trainable_tokens": tokens}
-        return [Finding(step, "error", "non_finite", title, evidence, *self._divergence_advice(step))]
+        return [Finding(step, "error", "non_finite", title, evidence, *self._divergence_advice())]
 
     def _check_loss_spike(self, step: int, loss: float) -> list[Finding]:
         if len(self._calm) < 3 or self._min is None:
@@ -323,8 +360,14 @@ class CurveWatcher:
             stuck = stuck and "loss_explosion" not in self.open_episodes
             return [self._explosion(step, loss)] if stuck else []
         ref = statistics.median(self._calm[-MEDIAN_WINDOW:])
-        if not ((loss > SPIKE_RATIO * low and loss > low + SPIKE_ABOVE_MIN)
-                or (loss > SPIKE_RATIO * ref and loss > ref + SPIKE_ABOVE_MEDIAN)):
+        window = self._calm[-NOISE_WINDOW:]
+        center = statistics.median(window)
+        sigma = 1.4826 * statistics.median(abs(x - center) for x in window)  # robust std of the noise
+        if len(window) < 10:
+            sigma = max(sigma, 0.1 * ref)  # too few points to trust the estimate: assume 10% noise
+        spiked = ((loss > SPIKE_RATIO * low and loss > low + SPIKE_ABOVE_MIN)
+                  or (loss > SPIKE_RATIO * ref and loss > ref + SPIKE_ABOVE_MEDIAN))
+        if not spiked or loss <= ref + SPIKE_SIGMAS * sigma:
             return []
         self._open("loss_spike", step)
         self._spike_ref, self._spiked_for = ref, 1
@@ -334,7 +377,7 @@ class CurveWatcher:
                  f"{low_step}, recent median {_num(ref)})")
         evidence = {"step": step, "loss": loss, "running_min": low, "running_min_step": low_step,
                     "recent_median": ref, "lr": self._peak_lr}
-        return [Finding(step, "warning", "loss_spike", title, evidence, *self._divergence_advice(step))]
+        return [Finding(step, "warning", "loss_spike", title, evidence, *self._divergence_advice())]
 
     def _explosion(self, step: int, loss: float, at_end: bool = False) -> Finding:
         began = self.open_episodes.get("loss_spike", step)
@@ -345,7 +388,7 @@ class CurveWatcher:
                  f"{low_step}; {now}")
         evidence = {"step": step, "spike_step": began, "loss": loss, "running_min": low,
                     "running_min_step": low_step, "lr": self._peak_lr}
-        return Finding(step, "error", "loss_explosion", title, evidence, *self._divergence_advice(step))
+        return Finding(step, "error", "loss_explosion", title, evidence, *self._divergence_advice())
 
     def _check_grad_spike(self, step: int, grad_norm: float | None) -> list[Finding]:
         if grad_norm is None:
@@ -364,9 +407,9 @@ class CurveWatcher:
                  f"median {_num(ref)}")
         evidence = {"step": step, "grad_norm": grad_norm, "recent_median": ref, "ratio": grad_norm / ref,
                     "max_grad_norm": self.max_grad_norm, "lr": self._peak_lr}
-        return [Finding(step, "warning", "grad_norm_spike", title, evidence, *self._divergence_advice(step))]
+        return [Finding(step, "warning", "grad_norm_spike", title, evidence, *self._divergence_advice())]
 
-    def _divergence_advice(self, step: int) -> Advice:
+    def _divergence_advice(self) -> Advice:
         """Causes and fixes of non-finite values, spikes and explosions, ranked with the run's facts."""
         lr, clip, warmup, total = (self.learning_rate or self._peak_lr, self.max_grad_norm, self.warmup_steps,
                                    self.total_steps)
@@ -403,18 +446,21 @@ class CurveWatcher:
         if n not in (self._not_falling_at, FLAT_AT, FLAT_ERROR_AT) or "loss_spike" in self.open_episodes:
             return []  # (a spike is reported already; its losses say nothing about learning speed)
         values = [loss for _, loss in self.losses]
-        start = statistics.fmean(values[:3])
         if n == self._not_falling_at:
-            fell = start - statistics.fmean(values[-3:]) > max(0.01 * abs(start), statistics.stdev(values[:3]))
+            start, now = _ends(values, early=True)
+            noise = _noise(values)
+            if noise * math.sqrt(2 / 3) > NOISY * abs(start):
+                return []  # too noisy to see a fall this early: the flat check decides later
+            fell = start - now > min(0.01 * abs(start), noise)
             return [] if fell else [self._progress("not_falling", "warning", step)]
-        if statistics.fmean(values[-5:]) > start * (1 - FLAT_BAND):
+        start, now = _ends(values, early=False)
+        if now > start * (1 - FLAT_BAND):
             return [self._progress("flat", "warning" if n == FLAT_AT else "error", step)]
         return []
 
     def _progress(self, code: str, severity: Severity, step: int, at_end: bool = False) -> Finding:
         values = [loss for _, loss in self.losses]
-        start, now = statistics.fmean(values[:3]), statistics.fmean(values[-3:] if code == "not_falling"
-                                                                    else values[-5:])
+        start, now = _ends(values, early=code == "not_falling")
         change = (now - start) / abs(start) * 100 if start else 0.0
         grad = statistics.median(self._grads) if self._grads else None
         lr = self.learning_rate or self._peak_lr
@@ -452,7 +498,7 @@ class CurveWatcher:
 
     # -- overfitting
     def _check_epoch_drop(self, step: int) -> list[Finding]:
-        if not self._by_epoch or any(f.code == "epoch_drop" for f in self.findings):
+        if not self._by_epoch or self._fired("epoch_drop"):
             return []
         index = max(self._by_epoch)
         now, before = self._by_epoch[index], self._by_epoch.get(index - 1, [])
@@ -474,7 +520,7 @@ class CurveWatcher:
     def _check_eval_rising(self, step: int) -> list[Finding]:
         if len(self._evals) < 3:
             return []
-        (_, a, train_a, _), (_, b, _, _), (_, c, train_c, _) = self._evals[-3:]
+        (a, train_a), (b, _), (c, train_c) = [(e.loss, e.train) for e in self._evals[-3:]]
         train_falls = train_a is None or train_c is None or train_c < train_a
         if not (a < b < c and c - a > 0.01 * a and train_falls) or not self._open("overfitting", step):
             return []
@@ -486,25 +532,25 @@ class CurveWatcher:
         return [Finding(step, "warning", "overfitting", title, evidence, *self._overfit_advice())]
 
     def _check_gap(self, step: int) -> list[Finding]:
-        if len(self._evals) < 2 or any(f.code == "generalization_gap" for f in self.findings):
+        if len(self._evals) < 2 or self._fired("generalization_gap"):
             return []
-        (_, prev_eval, prev_train, _), (_, now_eval, now_train, _) = self._evals[-2:]
-        if prev_train is None or now_train is None:
+        prev, now = self._evals[-2:]
+        if prev.train is None or now.train is None:
             return []
-        gap, prev_gap = now_eval - now_train, prev_eval - prev_train
-        if gap <= GAP_LIMIT or gap <= prev_gap:
+        gap, prev_gap = now.loss - now.train, prev.loss - prev.train
+        # Two standard errors of margin: per-step train losses are noisy.
+        if gap <= GAP_LIMIT + 2 * now.train_se or gap <= prev_gap:
             return []
         title = (f"train-eval gap grew to {gap:.2f} at step {step} (was {prev_gap:.2f}; healthy is about "
-                 f"0.1-0.3): eval {_num(now_eval)}, train {_num(now_train)}")
-        evidence = {"step": step, "gap": gap, "previous_gap": prev_gap, "eval_loss": now_eval,
-                    "train_loss": now_train, **self._best_eval()}
+                 f"0.1-0.3): eval {_num(now.loss)}, train {_num(now.train)}")
+        evidence = {"step": step, "gap": gap, "previous_gap": prev_gap, "eval_loss": now.loss,
+                    "train_loss": now.train, **self._best_eval()}
         return [Finding(step, "warning", "generalization_gap", title, evidence, *self._overfit_advice())]
 
     def _check_memorized(self, step: int) -> list[Finding]:
-        _, eval_loss, train, _ = self._evals[-1]
-        if train is None or train >= MEMORIZED_TRAIN or eval_loss <= MEMORIZED_EVAL:
-            return []
-        if any(f.code == "memorization" for f in self.findings):
+        eval_loss, train = self._evals[-1].loss, self._evals[-1].train
+        memorized = train is not None and train < MEMORIZED_TRAIN and eval_loss > MEMORIZED_EVAL
+        if not memorized or self._fired("memorization"):
             return []
         title = (f"train loss {_num(train)} while eval loss is {_num(eval_loss)} at step {step}: the "
                  "training set is memorized")
@@ -620,12 +666,13 @@ def _curve(points: list[TrainPoint | EvalPoint], source: Path, **extra: Any) -> 
     evals: dict[int, EvalPoint] = {}
     top = -1
     for p in points:
-        own, other = (train, evals) if isinstance(p, TrainPoint) else (evals, train)
+        is_train = isinstance(p, TrainPoint)
         if p.step <= top:
-            for kept, first_orphan in ((own, p.step), (other, p.step + 1)):
+            # Step s logs its train loss, then its eval: an eval at s keeps the train loss at s.
+            for kept, first_orphan in ((train, p.step + (not is_train)), (evals, p.step)):
                 for s in [s for s in kept if s >= first_orphan]:
                     del kept[s]
-        own[p.step] = p
+        (train if is_train else evals)[p.step] = p
         top = p.step  # after dropping the orphans nothing later is left
     return Curve([train[s] for s in sorted(train) if train[s].loss is not None],
                  [evals[s] for s in sorted(evals)], str(source), **extra)
@@ -679,33 +726,46 @@ def _read_tensorboard(path: Path) -> Curve:
 
 
 def _read_context(run_dir: Path) -> dict[str, Any]:
-    """Facts for ranking causes, from a tunewise run's config.yaml and result.json when present."""
-    context: dict[str, Any] = {}
-    config_path, result_path = run_dir / "config.yaml", run_dir / "result.json"
-    if config_path.is_file():
-        try:
-            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
-            raise DoctorError(f"{where}: not valid YAML; expected the run's resolved config") from None
-        training = config.get("training") or {}
-        context["method"] = (config.get("model") or {}).get("method")
-        for key in ("learning_rate", "max_grad_norm", "warmup_steps", "max_steps"):
-            if _float(training.get(key)) is not None:
-                context[key] = _float(training[key])
-        if context.get("max_steps", 0) > 0:
-            context["total_steps"] = int(context["max_steps"])
-        if "warmup_steps" in context:
-            context["warmup_steps"] = int(context["warmup_steps"])
-            if context["warmup_steps"] == 0 and (_float(training.get("warmup_ratio")) or 0) > 0:
-                del context["warmup_steps"]  # warmup is given as a ratio instead
-    if result_path.is_file():
-        try:
-            context["status"] = json.loads(result_path.read_text(encoding="utf-8")).get("status")
-        except (json.JSONDecodeError, AttributeError):
-            logger.warning("%s: not a JSON object; ignoring it", result_path)
+    """Facts for ranking causes, from a tunewise run's config.yaml, plan.json and result.json."""
+    config_path = run_dir / "config.yaml"
+    text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
+        raise DoctorError(f"{where}: not valid YAML; expected the run's resolved config") from None
+    training = config.get("training") or {}
+    context: dict[str, Any] = {"method": (config.get("model") or {}).get("method")}
+    for key in ("learning_rate", "max_grad_norm", "warmup_steps", "max_steps"):
+        if _float(training.get(key)) is not None:
+            context[key] = _float(training[key])
+    if 0 < context.get("warmup_steps", 0) < 1:
+        del context["warmup_steps"]  # a fraction of all steps (transformers 5); plan.json has the count
+    elif "warmup_steps" in context:
+        context["warmup_steps"] = int(context["warmup_steps"])
+    if context.get("max_steps", 0) > 0:
+        context["total_steps"] = int(context["max_steps"])
+    plan = _json_object(run_dir / "plan.json")
+    resolved = {"warmup_steps": plan.get("warmup_steps"), **{k: (plan.get("steps") or {}).get(k)
+                                                             for k in ("total_steps", "steps_per_epoch")}}
+    context.update({k: v for k, v in resolved.items() if isinstance(v, int)})
+    context["status"] = _json_object(run_dir / "result.json").get("status")
     return context
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A small JSON file written by tunewise, or {} when it is missing or unreadable (it is only context)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        logger.warning("%s: not a JSON object; ignoring it", path)
+        return {}
+    return data
 
 
 # ----------------------------------------------------------------------------- diagnosis

@@ -223,7 +223,7 @@ def train(
         hw = resolve_hardware(cfg)
         tokenizer = load_tokenizer(cfg)
         pad_added = ensure_pad_token(tokenizer)
-        bundle = build_datasets(cfg.data, tokenizer)
+        bundle = build_datasets(cfg.data, tokenizer, keep_untrained=force)
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
             _write_plan(cfg, run_dir, hw, bundle)

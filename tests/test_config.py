@@ -1,0 +1,131 @@
+"""Config: sections, overrides, every TrainingArguments field, legacy names, errors that teach."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+
+from tunewise.cli import main
+from tunewise.config import ConfigError, load_config, starter_config_text
+
+REPO = Path(__file__).parent.parent
+
+
+def _error(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_defaults_are_the_lessons():
+    cfg = load_config(None)
+    t = cfg.training
+    assert cfg.model.method == "qlora" and cfg.adapter.r == 8 and cfg.adapter.alpha == 16
+    assert cfg.adapter.dropout == 0.05 and cfg.adapter.target_modules == "all-linear"
+    assert t["learning_rate"] == 2e-4 and t["lr_scheduler_type"] == "cosine" and t["warmup_steps"] == 0.03
+    assert t["per_device_train_batch_size"] == 4 and t["gradient_accumulation_steps"] == 4
+    assert t["num_train_epochs"] == 3 and t["optim"] == "paged_adamw_32bit" and t["weight_decay"] == 0.001
+    assert t["max_grad_norm"] == 0.3 and t["gradient_checkpointing"] is True
+    assert (t["logging_steps"], t["eval_steps"], t["save_steps"], t["save_total_limit"]) == (10, 50, 100, 3)
+    assert t["load_best_model_at_end"] and t["metric_for_best_model"] == "eval_loss"
+    assert t["report_to"] == ["tensorboard"] and t["logging_nan_inf_filter"] is False
+    assert load_config(None, ["model.method=full"]).training["learning_rate"] == 2e-5
+
+
+def test_every_training_arguments_field_is_accepted_by_its_own_name():
+    names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    data = {"training": {}}
+    cfg = load_config(None, ["training.adam_beta2=0.95", "training.neftune_noise_alpha=5",
+                             "training.lr_scheduler_kwargs={}", "training.data_seed=3"])
+    assert cfg.training["adam_beta2"] == 0.95 and cfg.training["neftune_noise_alpha"] == 5
+    assert len(names) > 100 and data  # the whole installed set is the vocabulary
+    from tunewise.config import _training_fields
+
+    assert set(names) == set(_training_fields())
+
+
+def test_misspelled_key_names_file_line_and_suggestion(tmp_path):
+    msg = _error(tmp_path, "model:\n  method: lora\ntraining:\n  learing_rate: 1e-4\n")
+    assert "run.yaml:4" in msg and "training.learing_rate" in msg and "did you mean `learning_rate`" in msg
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    msg = _error(tmp_path, "model:\n  method: lorra\nadapter:\n  rank: 8\n  dropout: 1.5\n"
+                           "training:\n  num_train_epochs: many\n", ["data.train_onn=all"])
+    assert "5 problem(s)" in msg
+    assert "run.yaml:2: `model.method`" in msg and "'qlora'" in msg
+    assert "adapter.rank" in msg and "did you mean `r`" in msg
+    assert "adapter.dropout" in msg and "[0, 1)" in msg
+    assert "num_train_epochs" in msg and "a number" in msg
+    assert "override `data.train_onn=all`" in msg and "did you mean `train_on`" in msg
+
+
+def test_unknown_section_and_bad_yaml(tmp_path):
+    assert "did you mean `training`" in _error(tmp_path, "trainig:\n  learning_rate: 1e-4\n")
+    msg = _error(tmp_path, "model:\n  method: [lora\n")
+    assert "run.yaml:" in msg and "not valid YAML" in msg
+
+
+def test_overrides_parse_values_and_legacy_names_map_with_notices():
+    cfg = load_config(None, ["training.learning_rate=1e-4", "adapter.target_modules=[q_proj,v_proj]",
+                             "training.warmup_ratio=0.1", "training.evaluation_strategy=epoch",
+                             "training.max_seq_length=256"])
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.training["warmup_steps"] == 0.1 and cfg.training["eval_strategy"] == "epoch"
+    assert cfg.data.max_seq_length == 256
+    assert len(cfg.notices) == 3 and all("override" in n for n in cfg.notices)
+
+
+def test_values_outside_what_can_work_are_rejected():
+    with pytest.raises(ConfigError, match="learning rate >= 1 always diverges"):
+        load_config(None, ["training.learning_rate=3"])
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        load_config(None, ["training.max_grad_norm=-1"])
+
+
+def test_init_writes_every_default_with_comments_and_it_loads(tmp_path):
+    path = tmp_path / "starter.yaml"
+    assert main(["init", str(path)]) == 0
+    text = path.read_text()
+    cfg = load_config(path)
+    assert cfg.to_dict() == load_config(None).to_dict()
+    for key in ["learning_rate", "max_grad_norm", "warmup_steps", "r:", "train_on", "on_divergence"]:
+        line = next(line for line in text.splitlines() if key in line)
+        assert "#" in line, line
+    assert main(["init", str(path)]) == 2  # refuses to overwrite without --force
+
+
+def shipped_yamls() -> list[Path]:
+    return sorted(p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and "runs" not in p.parts
+                  and ".cache" not in p.parts)
+
+
+@pytest.mark.parametrize("path", shipped_yamls(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_yaml_loads_and_validates(path):
+    load_config(path)
+
+
+def test_cli_user_error_exits_2_with_one_message_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learing_rate: 1e-4\n")
+    proc = subprocess.run([sys.executable, "-m", "tunewise.cli", "plan", str(bad)], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "bad.yaml:2" in proc.stderr and "learning_rate" in proc.stderr
+
+
+def test_help_explains_every_command():
+    proc = subprocess.run([sys.executable, "-m", "tunewise.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ["init", "plan", "check", "inspect", "train", "doctor", "eval", "demo"]:
+        assert command in proc.stdout
+        sub = subprocess.run([sys.executable, "-m", "tunewise.cli", command, "--help"], capture_output=True,
+                             text=True)
+        assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 3, command
