@@ -170,6 +170,7 @@ def build_trainer(
         memory_limit=hw.memory_bytes,
         is_main=is_main_process(),
     )
+    monitor.total_steps = plan.total_steps
     trainer.add_callback(monitor)
     for noisy in (PrinterCallback, ProgressCallback):  # the monitor and the CLI report progress
         trainer.remove_callback(noisy)
@@ -279,11 +280,11 @@ def _train_attempts(
         if changes:
             trainer.add_callback(_LearningRateReset(cfg.training["learning_rate"]))
         if hooks.on_start and is_main_process():
-            hooks.on_start({"max_steps": trainer.args.max_steps, "attempt": attempt})
+            hooks.on_start({"max_steps": monitor.total_steps, "attempt": attempt})
         trainer.train(resume_from_checkpoint=checkpoint)
         if monitor.diverged_at is None:
             return _finish(
-                trainer, cfg, run_dir, "completed", {"recovery_changes": changes} if changes else {}
+                trainer, cfg, run_dir, "completed", {"recovery_changes": changes} if changes else {}, bundle
             )
         if cfg.doctor.on_divergence != "recover" or attempt == cfg.doctor.max_recoveries:
             return _finish(
@@ -338,17 +339,61 @@ def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hook
             hooks.on_finding(finding)
 
 
-def _finish(trainer: Any, cfg: Config, run_dir: Path, status: str, extra: dict) -> RunResult:
-    """Save the final adapter/model and gather the final numbers."""
+def _split_prompt(example: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids): everything before the last trained span, and that span."""
+    labels = example.labels
+    end = max(i for i, label in enumerate(labels) if label != -100) + 1
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return example.input_ids[:start], example.input_ids[start:end]
+
+
+def write_samples(model: Any, tokenizer: Any, examples: list[Any], path: Path, n: int = 3) -> None:
+    """Greedy generations for a few validation prompts, base (adapter disabled) vs tuned: samples.json."""
+    import contextlib
+
+    import torch
+
+    samples = []
+    model.eval()
+    for example in [e for e in examples if e.n_trained][:n]:
+        prompt, reference = _split_prompt(example)
+        ids = torch.tensor([prompt], device=model.device)
+        row = {"prompt": tokenizer.decode(prompt),
+               "reference": tokenizer.decode(reference, skip_special_tokens=True)}
+        for which in ("base", "tuned"):
+            disable = getattr(model, "disable_adapter", None)
+            if which == "base" and disable is None:
+                continue  # full fine-tuning: the base weights are gone from this model
+            ctx = disable() if which == "base" else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=len(reference) + 16, pad_token_id=tokenizer.pad_token_id)
+            row[which] = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+        samples.append(row)
+    path.write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
+
+
+def _finish(trainer: Any, cfg: Config, run_dir: Path, status: str, extra: dict,
+            bundle: Any = None) -> RunResult:
+    """Save the final adapter/model, a few sample generations, and gather the final numbers."""
     state = trainer.state
     out = run_dir / ("model" if cfg.model.method == "full" else "adapter")
     if is_main_process():
         trainer.save_model(str(out))
         trainer.processing_class.save_pretrained(str(out))
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
+        examples = (bundle.validation or bundle.train) if bundle is not None else []
+        if examples and status == "completed":
+            try:
+                write_samples(trainer.model, trainer.processing_class, examples, run_dir / "samples.json")
+            except Exception as exc:  # samples are a courtesy: never fail a finished run over them
+                logger.warning("could not write sample generations: %s", exc)
+    window = max(int(cfg.training.get("logging_steps", 10)), 1)
+    losses = [r["loss"] for r in _train_records(run_dir)][-window:]  # the Trainer's definition: last interval
     evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
     numbers = {
-        "final_train_loss": losses[-1] if losses else None,
+        "final_train_loss": sum(losses) / len(losses) if losses else None,
         "best_eval_loss": min(evals) if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
@@ -356,6 +401,14 @@ def _finish(trainer: Any, cfg: Config, run_dir: Path, status: str, extra: dict) 
         **extra,
     }
     return RunResult(run_dir=run_dir, status=status, global_step=state.global_step, numbers=numbers)
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("type") == "train"]
 
 
 def _write_result(run_dir: Path, result: RunResult, started: float) -> None:
