@@ -199,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_finding=_print_finding,
         on_step=progress.step,
         on_start=progress.begin,
+        stop_at_step=args.stop_at_step,
     )
     try:
         result = train(cfg, resume=args.resume, hooks=hooks, force=args.force)
@@ -412,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=1, help="data-parallel processes (DDP through torchrun; gloo on CPU)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                   help="pause after step N is evaluated and checkpointed (status stopped); --resume goes on")
     p = add(
         "doctor",
         cmd_doctor,

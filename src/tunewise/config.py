@@ -234,9 +234,20 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 # Names other trainers and tutorials use for our keys, for suggestions difflib cannot guess.
-ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-           "lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
-           "model_name": "name", "model_name_or_path": "name", "train_file": "train", "eval_file": "validation"}
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "model_name": "name",
+    "model_name_or_path": "name",
+    "train_file": "train",
+    "eval_file": "validation",
+}
 
 
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
@@ -271,6 +282,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
         raise ValueError("one of " + ", ".join(repr(a) for a in args))
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         values = [m.value for m in annotation]
+        if value is False and "no" in values:
+            return "no"  # YAML 1.1 reads a bare `no` as false
         if value in values or (isinstance(value, enum.Enum) and value.value in values):
             return value
         raise ValueError("one of " + ", ".join(repr(v) for v in values))
@@ -303,6 +316,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
                 pass
         raise ValueError("a number")
     if annotation is str:
+        if value is False:
+            return "no"  # YAML 1.1 reads a bare `no` as false (eval_strategy: no)
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -352,7 +367,8 @@ def _build_section(cls: type, raw: Any, section: str, problems: _Problems) -> An
         path = (section, str(key))
         if key not in names:
             problems.add(
-                path, f"is not a setting of `{section}`{_suggest(str(key), names)} (valid: {', '.join(names)})"
+                path,
+                f"is not a setting of `{section}`{_suggest(str(key), names)} (valid: {', '.join(names)})",
             )
             continue
         try:
@@ -497,8 +513,10 @@ def _fill_training_defaults(cfg: Config) -> None:
     if cfg.training.get("save_total_limit") == 1 and cfg.training.get("load_best_model_at_end"):
         # Trainer deletes every checkpoint but the best at the end when the limit is 1: the newest would go
         cfg.training["save_total_limit"] = 2
-        cfg.notices.append("training.save_total_limit=1 would delete the newest checkpoint when training ends; "
-                           "keeping 2 (the best and the newest)")
+        cfg.notices.append(
+            "training.save_total_limit=1 would delete the newest checkpoint when training ends; "
+            "keeping 2 (the best and the newest)"
+        )
     if (
         str(cfg.training["eval_strategy"]) in ("no", "IntervalStrategy.NO")
         and "load_best_model_at_end" not in explicit

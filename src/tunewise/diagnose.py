@@ -10,6 +10,9 @@ a Trainer log):
 
 - non_finite (error): the first NaN/inf loss or grad norm. A loss logged as exactly 0.0 with a
   non-finite grad norm is a NaN that Trainer's `logging_nan_inf_filter` hid.
+- no_trainable_tokens: a step whose batch trained no token (every label -100; its loss is 0/0 = NaN)
+  is no signal, not a divergence: warning at the first such step, error at 10 in a row (or when no
+  step of the run trained a token). Only logs that count trained tokens (metrics.jsonl) show it.
 - loss_spike (warning): loss > 2x the running minimum (of the 5-point median) and > minimum + 1.0,
   or > 2x the median of the last 5 calm points and > that median + 0.5 (catches small-loss
   tasks); either way also > that median + 8 robust standard deviations of the last 20 calm points
@@ -55,6 +58,7 @@ SPIKE_SIGMAS, NOISE_WINDOW = 8.0, 20
 EXPLOSION_RATIO, EXPLOSION_ABOVE_MIN, EXPLOSION_POINTS = 5.0, 3.0, 10
 GRAD_SPIKE_RATIO, GRAD_CALM_RATIO, GRAD_WINDOW = 10.0, 3.0, 20
 NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY = 10, 50, 100, 0.05, 0.05
+NO_SIGNAL_POINTS = 10  # steps in a row with no trained token before "nothing to learn" is an error
 GAP_LIMIT, MEMORIZED_TRAIN, MEMORIZED_EVAL, EPOCH_DROP = 0.3, 0.1, 1.0, 0.10
 MIN_POINTS = 5
 # Rates below LOW_LR barely move a run, above HIGH_LR they often blow it up; None = method unknown.
@@ -229,6 +233,7 @@ class CurveWatcher:
         self._spike_ref, self._spiked_for, self._grad_ref = 0.0, 0, 0.0
         self._peak_lr: float | None = None
         self._zero_tokens = False
+        self._untrained: list[int] = []  # the current run of steps that trained no token
         self._by_epoch: dict[int, list[float]] = {}
         self._evals: list[_Eval] = []
         self._last_step = 0
@@ -240,7 +245,14 @@ class CurveWatcher:
         if _finite(lr):
             self._peak_lr = max(self._peak_lr or 0.0, lr)
         self._zero_tokens |= trainable_tokens == 0
-        if _hides_nan(loss, grad_norm) or not _finite(loss) or not (grad_norm is None or _finite(grad_norm)):
+        bad = (_hides_nan(loss, grad_norm) or not _finite(loss)
+               or not (grad_norm is None or _finite(grad_norm)))
+        if trainable_tokens != 0:
+            self._untrained = []
+            self._close("no_trainable_tokens", step)
+        if bad and trainable_tokens == 0:
+            new = self._on_no_signal(step, loss, lr)  # 0/0: nothing to learn, not a divergence
+        elif bad:
             new = self._on_non_finite(step, loss, grad_norm, lr, trainable_tokens)
         else:
             self._close("non_finite", step)
@@ -262,12 +274,15 @@ class CurveWatcher:
         return new
 
     def finish(self) -> list[Finding]:
-        """End-of-run checks: a spike that never came back, a loss that stayed flat."""
+        """End-of-run checks: a spike that never came back, a loss that stayed flat, nothing trained."""
         new: list[Finding] = []
         if "loss_spike" in self.open_episodes and "loss_explosion" not in self.open_episodes:
             new.append(self._explosion(self._last_step, self.losses[-1][1], at_end=True))
+        if self._untrained and not self.losses and not self._fired("no_trainable_tokens", "error"):
+            new.append(self._untrained_finding("error"))
         values = [loss for _, loss in self.losses]
-        if len(values) >= NOT_FALLING_AT and "loss_spike" not in self.open_episodes:
+        # (after a divergence the curve says nothing about learning speed)
+        if len(values) >= NOT_FALLING_AT and not {"loss_spike", "non_finite"} & self.open_episodes.keys():
             start, now = _ends(values, early=False)
             self.end_change = (now - start) / abs(start) if start else None
             if self.flat_at_end and not self._fired("flat", "error"):
@@ -278,6 +293,11 @@ class CurveWatcher:
     @property
     def flat_at_end(self) -> bool:
         return self.end_change is not None and self.end_change > -FLAT_BAND
+
+    @property
+    def nothing_trained(self) -> bool:
+        """No token trained for NO_SIGNAL_POINTS steps in a row (or at all), and no falling loss after."""
+        return self._fired("no_trainable_tokens", "error") and (self.end_change is None or self.flat_at_end)
 
     # -- bookkeeping
     def _open(self, code: str, step: int) -> bool:
@@ -344,6 +364,41 @@ class CurveWatcher:
                     "last_finite_step": last[0] if last else None,
                     "nan_hidden_by_logging_filter": hidden, "trainable_tokens": tokens}
         return [Finding(step, "error", "non_finite", title, evidence, *self._divergence_advice())]
+
+    def _on_no_signal(self, step: int, loss: float, lr: float | None) -> list[Finding]:
+        """A step that trained no token: warn when such steps begin, an error when they go on."""
+        self._untrained.append(step)
+        if self._open("no_trainable_tokens", step):
+            return [self._untrained_finding("warning")]
+        if len(self._untrained) == NO_SIGNAL_POINTS and not self._fired("no_trainable_tokens", "error"):
+            return [self._untrained_finding("error")]
+        return []
+
+    def _untrained_finding(self, severity: Severity) -> Finding:
+        first, last, n = self._untrained[0], self._untrained[-1], len(self._untrained)
+        if severity == "warning":
+            title = (f"step {first} trained no token: every label in its batch is -100, so its loss is 0/0 "
+                     "(NaN) and its update was skipped")
+        else:
+            span = f"steps {first}-{last}" if n > 1 else f"step {first}"
+            title = (f"no token was trained in {n} steps in a row ({span}): every label is -100, there is "
+                     "nothing to learn")
+        evidence = {"step": last, "trained_tokens": 0, "steps_without_trained_tokens": n, "first_step": first,
+                    "lr": self._peak_lr}
+        return Finding(last, severity, "no_trainable_tokens", title, evidence, *self._masking_advice())
+
+    def _masking_advice(self) -> Advice:
+        """Causes and fixes of batches without trained tokens, most likely first."""
+        return _rank([
+            (3, "labels are masked: every label is -100 (trained_tokens 0), so no token carries loss",
+             Fix("data.train_on=assistant",
+                 "train the assistant turns; `tunewise inspect` shows which tokens are trained (the -100s)")),
+            (2, "the responses are cut off: the prompt fills data.max_seq_length, leaving no response token",
+             Fix("data.too_long=drop", "drop examples whose response does not fit (or raise "
+                                       "data.max_seq_length); `tunewise check` lists them")),
+            (1, "the data was read wrongly: no turn is recognised as the assistant's",
+             Fix(None, "`tunewise inspect` shows how each row was read and which role each turn got")),
+        ])
 
     def _check_loss_spike(self, step: int, loss: float) -> list[Finding]:
         if len(self._calm) < 3 or self._min is None:
@@ -435,9 +490,6 @@ class CurveWatcher:
              Fix(None, "filter the dataset: `tunewise inspect` shows examples with no trained tokens or "
                        "extreme length")),
         ]
-        if self._zero_tokens:
-            items.append((20, "a batch had no trained tokens (every label -100), so its loss is 0/0",
-                          Fix("data.train_on=assistant", "train assistant turns: every batch has targets")))
         return _rank(items)
 
     # -- progress
@@ -849,10 +901,12 @@ def _settle(watcher: CurveWatcher) -> None:
 
 
 def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Verdict:
-    """diverged > insufficient-data > overfitting > flat > unstable > healthy."""
+    """diverged > nothing trained (flat) > insufficient-data > overfitting > flat > unstable > healthy."""
     codes = {f.code for f in watcher.findings}
     if status == "diverged" or {"non_finite", "loss_explosion"} & watcher.open_episodes.keys():
         return "diverged"
+    if watcher.nothing_trained:
+        return "flat"
     if train_points < MIN_POINTS:
         return "insufficient-data"
     if codes & OVERFIT_CODES:
@@ -921,6 +975,9 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
         return (f"Overfitting: eval loss was best at {_num(ev['best_eval_loss'])} (step "
                 f"{ev['best_eval_step']}) and rose to {_num(ev['last_eval_loss'])} at step "
                 f"{ev['last_eval_step']}, while train loss went from {span}.")
+    untrained = [f for f in findings if f.code == "no_trainable_tokens" and f.severity == "error"]
+    if verdict == "flat" and untrained:
+        return f"Nothing to learn: {untrained[0].title} (last logged step {ev.get('last_step')})."
     codes = {"overfitting": OVERFIT_CODES, "flat": {"flat"}, "unstable": UNSTABLE_CODES}.get(verdict)
     if codes:
         first = min((f for f in findings if f.code in codes), key=lambda f: f.step or 0)

@@ -6,7 +6,10 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
   - skips the optimizer update of a step whose loss or gradient norm is not finite (drops the gradients,
     so the optimizer leaves weights and moments untouched: with bf16 there is no loss scaler to do it);
   - writes one metrics.jsonl line per optimizer step and per evaluation (NaN stays NaN);
-  - feeds the doctor's CurveWatcher and writes its findings to findings.jsonl as they happen.
+  - feeds the doctor's CurveWatcher and writes its findings to findings.jsonl as they happen;
+  - stops the run: at the first non-finite step (`diverged_at`), or when the doctor finds that batches
+    train no token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence);
+  - runs the doctor's end-of-run checks when training ends; `findings` holds everything it found.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class StepRecord:
         self.loss = torch.zeros(())
         self.micro = 0
         self.tokens = 0
-        self.trained_tokens = 0
+        self.trained_tokens: int | None = None  # None when the batches carry no labels
         self.grad_norm: float | None = None
         self.learning_rate: float | None = None
 
@@ -57,7 +60,7 @@ class WatchedTrainer(Trainer):
         if "attention_mask" in inputs:
             rec.tokens += int(inputs["attention_mask"].sum())
         if "labels" in inputs:
-            rec.trained_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            rec.trained_tokens = (rec.trained_tokens or 0) + int((inputs["labels"][..., 1:] != -100).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         rec.loss = rec.loss + loss.detach().float().cpu()
         rec.micro += 1
@@ -102,6 +105,7 @@ class StepMonitor(TrainerCallback):
         )
         self.findings: list[Finding] = []
         self.diverged_at: int | None = None
+        self.stop_reason: str | None = None  # why the monitor stopped a run that did not diverge
         self.skipped_steps: list[int] = []
         self.last_step_time = self.start = time.time()
         self.tokens_total = 0
@@ -161,20 +165,23 @@ class StepMonitor(TrainerCallback):
         if state.global_step == 1:
             record["memory_bytes"] = peak_memory_bytes()
         self._write("metrics.jsonl", record)
-        self._emit(
-            self.watcher.observe_train(
-                state.global_step, loss, rec.grad_norm, lr, state.epoch, trainable_tokens=rec.trained_tokens
-            )
+        new = self.watcher.observe_train(
+            state.global_step, loss, rec.grad_norm, lr, state.epoch, trainable_tokens=rec.trained_tokens
         )
+        self._emit(new)
         if state.global_step == 1 and self.memory_limit:
             self._check_memory(record["memory_bytes"])
-        if (
-            not (_finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm)))
-            and self.diverged_at is None
-        ):
+        finite = _finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm))
+        # With no trained token the loss is 0/0: no signal, not a divergence; the doctor decides when to stop.
+        if not finite and rec.trained_tokens != 0 and self.diverged_at is None:
             self.diverged_at = state.global_step
             control.should_training_stop = True
             control.should_save = True  # save state at the step of divergence (weights are still finite)
+        untrained = [f for f in new if f.code == "no_trainable_tokens" and f.severity == "error"]
+        if untrained and self.stop_reason is None:
+            self.stop_reason = (f"{untrained[0].title}; stopped (fix the labels: `tunewise inspect` shows "
+                                "which tokens are trained)")
+            control.should_training_stop = True
         if self.on_step is not None and self.is_main:
             self.on_step(record)
         rec.reset()
@@ -194,6 +201,9 @@ class StepMonitor(TrainerCallback):
                     )
                 ]
             )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._emit(self.watcher.finish())  # end-of-run checks: a loss that stayed flat, a spike never over
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any

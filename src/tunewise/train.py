@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +34,7 @@ class TrainHooks:
     on_finding: Callable[[Finding], None] | None = None
     on_step: Callable[[dict], None] | None = None
     on_start: Callable[[dict], None] | None = None
+    stop_at_step: int | None = None  # pause after this step's eval and checkpoint (sweep rungs)
 
 
 @dataclass
@@ -174,6 +176,8 @@ def build_trainer(
     trainer.add_callback(monitor)
     for noisy in (PrinterCallback, ProgressCallback):  # the monitor and the CLI report progress
         trainer.remove_callback(noisy)
+    if hooks.stop_at_step:
+        trainer.add_callback(_PauseAt(hooks.stop_at_step))
     if cfg.doctor.early_stopping_patience and has_eval:
         trainer.add_callback(
             EarlyStoppingCallback(early_stopping_patience=cfg.doctor.early_stopping_patience)
@@ -200,6 +204,8 @@ def _apply_change(cfg: Config, change: str) -> Config:
     new = copy.deepcopy(cfg)
     (section, key), value = parse_override(change)
     new.training[key] = float(value) if key in ("learning_rate", "max_grad_norm") else value
+    if key == "warmup_steps" and new.training.get("lr_scheduler_type") == "constant":
+        new.training["lr_scheduler_type"] = "constant_with_warmup"  # "constant" ignores warmup
     return new
 
 
@@ -272,6 +278,7 @@ def _train_attempts(
 ) -> RunResult:
     """Train; in recover mode, on divergence reload the last good checkpoint with the next fix."""
     changes: list[str] = []
+    findings: list[Finding] = []  # every attempt's, summarised in result.json
     checkpoint = str(latest_checkpoint(run_dir)) if resume and latest_checkpoint(run_dir) else None
     if resume and checkpoint is None:
         logger.info("no checkpoint in %s: starting from step 0", run_dir)
@@ -282,25 +289,64 @@ def _train_attempts(
         if hooks.on_start and is_main_process():
             hooks.on_start({"max_steps": monitor.total_steps, "attempt": attempt})
         trainer.train(resume_from_checkpoint=checkpoint)
+        findings += monitor.findings
+        summary = {"findings": [_headline(f) for f in findings if f.severity != "info"]}
+        if monitor.stop_reason is not None:  # the doctor stopped a run with nothing to learn
+            result = _finish(trainer, cfg, run_dir, "stopped", summary, bundle)
+            result.error = monitor.stop_reason
+            return result
         if monitor.diverged_at is None:
-            return _finish(
-                trainer, cfg, run_dir, "completed", {"recovery_changes": changes} if changes else {}, bundle
-            )
+            paused = bool(hooks.stop_at_step) and trainer.state.global_step < trainer.args.max_steps
+            extra: dict[str, Any] = {**summary, **({"recovery_changes": changes} if changes else {})}
+            if paused:
+                extra["paused_at"] = trainer.state.global_step
+            return _finish(trainer, cfg, run_dir, "stopped" if paused else "completed", extra, bundle)
         if cfg.doctor.on_divergence != "recover" or attempt == cfg.doctor.max_recoveries:
             return _finish(
                 trainer,
                 cfg,
                 run_dir,
                 "diverged",
-                {"diverged_at": monitor.diverged_at, "recovery_changes": changes},
+                {**summary, "diverged_at": monitor.diverged_at, "recovery_changes": changes},
             )
         fix = _recovery_fix(cfg, attempt)
         good = latest_checkpoint(run_dir, before=monitor.diverged_at)
         checkpoint = str(good) if good else None
+        _drop_checkpoints_after(run_dir, good)
         cfg = _apply_change(cfg, fix.change)
         changes.append(fix.change)
-        _record_recovery(run_dir, monitor.diverged_at, fix, good, hooks)
+        findings.append(_record_recovery(run_dir, monitor.diverged_at, fix, good, hooks))
     raise AssertionError("unreachable")
+
+
+def _headline(finding: Finding) -> dict[str, Any]:
+    return {"step": finding.step, "severity": finding.severity, "code": finding.code, "title": finding.title}
+
+
+def _drop_checkpoints_after(run_dir: Path, good: Path | None) -> None:
+    """Remove the abandoned attempt's checkpoints after the one recovery restarts from (all, without one),
+    so that a later recovery or `--resume` never restarts from the weights that diverged."""
+    keep = int(good.name.split("-", 1)[1]) if good else 0
+    for path in run_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and int(suffix) > keep and is_main_process():
+            shutil.rmtree(path)
+
+
+class _PauseAt:
+    """Stop after step N has been evaluated and checkpointed, so `--resume` continues the same schedule."""
+
+    def __new__(cls, step: int) -> Any:
+        from transformers import TrainerCallback
+
+        class Pause(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == step and step < state.max_steps:
+                    control.should_training_stop = True
+                    control.should_evaluate = str(args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+                    control.should_save = True
+
+        return Pause()
 
 
 class _LearningRateReset:
@@ -322,7 +368,7 @@ class _LearningRateReset:
         return Reset()
 
 
-def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hooks: TrainHooks) -> None:
+def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hooks: TrainHooks) -> Finding:
     where = f"from {good.name}" if good else "from the initial weights (no checkpoint before the divergence)"
     finding = Finding(
         step=step,
@@ -337,6 +383,7 @@ def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hook
         append_findings(run_dir / "findings.jsonl", [finding])
         if hooks.on_finding:
             hooks.on_finding(finding)
+    return finding
 
 
 def _split_prompt(example: Any) -> tuple[list[int], list[int]]:

@@ -1,0 +1,654 @@
+"""Report: one self-contained report.html (charts as embedded PNGs) read back from a run directory.
+
+`write_report(run_dir)` reads what training, `eval` and the doctor left in a run directory and writes
+report.html plus the charts as PNG files next to it. It reads plain Hugging Face Trainer output
+(trainer_state.json) through the doctor's `load_curve` too, and runs that failed or diverged: what is
+missing is said to be missing, never invented. No torch or transformers here (nor in what it imports).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunewise import charts
+from tunewise.diagnose import Curve, Diagnosis, DoctorError, Finding, diagnose_path, load_curve
+
+logger = logging.getLogger(__name__)
+
+BADGE_COLORS = {"error": "#d93025", "warning": "#e37400", "healthy": "#188038", "unknown": "#5f6368"}
+CHART_FILES = {
+    "loss": "loss.png",
+    "learning_rate": "learning_rate.png",
+    "grad_norm": "grad_norm.png",
+    "throughput": "throughput.png",
+}
+EVAL_METRICS = {"exact_match": "exact match", "valid_json": "valid JSON", "field_accuracy": "field accuracy"}
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds; each part is empty or None when it is missing or unreadable."""
+
+    out_dir: Path
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl train records
+    curve: Curve | None = None
+    diagnosis: Diagnosis | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    memorization: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # what could not be read, in words
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.out_dir.resolve().name)
+
+    def findings(self) -> list[Finding]:
+        """The doctor's findings in step order: the numbering the loss chart and the list share."""
+        found = self.diagnosis.findings if self.diagnosis else []
+        return sorted(found, key=lambda f: (f.step is None, f.step or 0))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path, missing: list[str]) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        missing.append(f"{path.name} is not valid JSON ({exc})")
+        return None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Train records of metrics.jsonl; unreadable lines (a run killed mid-write) are skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("type", "train") == "train" and "step" in record:
+                records.append(record)
+    return records
+
+
+def read_run(path: Path) -> RunFiles:
+    """Read everything the report shows from a run directory (or next to a trainer_state.json file)."""
+    path = Path(path)
+    run = RunFiles(out_dir=path if path.is_dir() else path.parent)
+    d, missing = run.out_dir, run.missing
+    try:
+        run.curve = load_curve(path)
+        run.diagnosis = diagnose_path(path)
+    except DoctorError as exc:
+        missing.append(f"no diagnosis: {exc}")
+    if (d / "config.yaml").is_file():
+        try:
+            run.config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            missing.append("config.yaml is not valid YAML")
+    run.records = _read_records(d / "metrics.jsonl")
+    for attr, name in [
+        ("plan", "plan.json"),
+        ("check", "check.json"),
+        ("result", "result.json"),
+        ("evaluation", "eval.json"),
+        ("memorization", "memorization.json"),
+    ]:
+        value = _read_json(d / name, missing)
+        setattr(run, attr, value if isinstance(value, dict) else {})
+    samples = _read_json(d / "samples.json", missing)
+    run.samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+    return run
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_charts(run: RunFiles) -> dict[str, Path]:
+    """Write the PNG charts into the run directory; returns those that had data to draw."""
+    curve = run.curve or Curve([], [])
+    warmup = run.plan.get("warmup_steps")
+    clip = (run.config.get("training") or {}).get("max_grad_norm")
+    best = run.diagnosis.best_checkpoint if run.diagnosis else None
+    draw = {
+        "loss": lambda p: charts.plot_loss(curve, run.findings(), best, p),
+        "learning_rate": lambda p: charts.plot_learning_rate(
+            curve, warmup if isinstance(warmup, int) else None, p
+        ),
+        "grad_norm": lambda p: charts.plot_grad_norm(
+            curve, clip if isinstance(clip, int | float) else None, p
+        ),
+        "throughput": lambda p: charts.plot_throughput(run.records, p),
+    }
+    written = {}
+    for key, plot in draw.items():
+        path = run.out_dir / CHART_FILES[key]
+        try:
+            if plot(path) is not None:
+                written[key] = path
+        except (ValueError, TypeError, OverflowError) as exc:  # odd data must not cost the whole report
+            logger.warning("could not draw %s: %s", path.name, exc)
+            run.missing.append(f"{path.name} could not be drawn ({exc})")
+    return written
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report.html and the PNG charts into a run directory; returns the report's path.
+
+    Args:
+        run_dir: a tunewise run directory, a Trainer output directory, or a trainer_state.json file
+            (the report goes next to it).
+    """
+    run = read_run(Path(run_dir))
+    images = {
+        key: base64.b64encode(path.read_bytes()).decode("ascii") for key, path in write_charts(run).items()
+    }
+    out = run.out_dir / "report.html"
+    out.write_text(render_html(run, images, datetime.now()), encoding="utf-8")
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(x: Any) -> str:
+    """A number for people: NaN and inf spelled out, 4 significant digits, small rates in e-notation."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if not math.isfinite(x):
+        return "NaN" if math.isnan(x) else "inf" if x > 0 else "-inf"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.2e}" if 0 < abs(x) < 1e-3 else f"{x:.4g}"
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int | float) or n <= 0:
+        return "—"
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes} min {sec:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _pct(x: Any) -> str:
+    return f"{x:.1%}" if isinstance(x, int | float) and math.isfinite(x) else "—"
+
+
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...] | None = None, cls: str = "kv") -> str:
+    """A table of already-escaped cells."""
+    top = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}">{top}{body}</table>'
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _figure(images: dict[str, str], key: str, alt: str, caption: str) -> str:
+    if key not in images:
+        return ""
+    return (
+        f'<figure><img id="{key.replace("_", "-")}-chart" alt="{_e(alt)}" '
+        f'src="data:image/png;base64,{images[key]}"><figcaption>{caption}</figcaption></figure>'
+    )
+
+
+def _bar(value: Any, color: str = "#3367d6") -> str:
+    """A percentage with a small horizontal bar."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "—"
+    width = max(0.0, min(1.0, value)) * 100
+    return (
+        f'<div class="bar"><div class="fill" style="width:{width:.1f}%;background:{color}"></div></div>'
+        f'<span class="barnum">{_pct(value)}</span>'
+    )
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _badge(run: RunFiles) -> tuple[str, str]:
+    """(text, colour) of the verdict badge: red for errors, amber for warnings, green when healthy."""
+    d, status = run.diagnosis, run.result.get("status")
+    if d is None:
+        return (
+            f"{status or 'no metrics'}",
+            BADGE_COLORS["error" if status in ("failed", "diverged") else "unknown"],
+        )
+    worst = d.worst_severity()
+    if d.verdict == "diverged" or worst == "error":
+        key = "error"
+    elif worst == "warning" or d.verdict in ("overfitting", "flat", "unstable"):
+        key = "warning"
+    else:
+        key = "healthy" if d.verdict == "healthy" else "unknown"
+    return d.verdict, BADGE_COLORS[key]
+
+
+def _header(run: RunFiles, generated: datetime) -> str:
+    text, color = _badge(run)
+    source = run.diagnosis.source if run.diagnosis else str(run.out_dir)
+    summary = run.diagnosis.summary if run.diagnosis else "The doctor found no training curve to judge."
+    error = run.result.get("error")
+    trace = run.result.get("traceback")
+    failure = ""
+    if error:
+        details = f"<details><summary>traceback</summary><pre>{_e(trace)}</pre></details>" if trace else ""
+        status = _e(run.result.get("status", "failed"))
+        failure = f'<div class="failure"><b>{status}:</b> {_e(error)}{details}</div>'
+    return (
+        f'<header><div><div class="eyebrow">tunewise training report</div><h1>{_e(run.name)}</h1>'
+        f'<div class="muted">{_e(source)} · generated {generated:%Y-%m-%d %H:%M}</div></div>'
+        f'<div id="verdict" class="badge" style="background:{color}">{_e(text.upper())}</div></header>'
+        f'<p class="summary">{_e(summary)}</p>{failure}'
+    )
+
+
+def _cards(run: RunFiles) -> str:
+    """The headline numbers."""
+    r, ev = run.result, (run.diagnosis.evidence if run.diagnosis else {})
+    last = run.records[-1] if run.records else {}
+    planned = (run.plan.get("steps") or {}).get("total_steps")
+    steps = r.get("global_step", ev.get("last_step"))
+    cards = [
+        ("status", r.get("status", "—")),
+        ("steps", f"{_num(steps)}" + (f" / {_num(planned)}" if planned else "")),
+        ("duration", _duration(r.get("duration_s", last.get("time")))),
+        ("final train loss", _num(r.get("final_train_loss", ev.get("loss_last")))),
+        ("best eval loss", _num(r.get("best_eval_loss", ev.get("best_eval_loss")))),
+        ("best checkpoint", (run.diagnosis.best_checkpoint if run.diagnosis else None) or "—"),
+        ("tokens seen", _num(last.get("tokens_total"))),
+        ("memory at step 1", _bytes((run.records[0] if run.records else {}).get("memory_bytes"))),
+    ]
+    base, tuned = _eval_pair(run.evaluation)
+    if tuned and "exact_match" in tuned:
+        before = f"{_pct(base['exact_match'])} → " if base and "exact_match" in base else ""
+        cards.append(("exact match", before + _pct(tuned["exact_match"])))
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="label">{_e(k)}</div><div class="value">{_e(v)}</div></div>'
+            for k, v in cards
+        )
+        + "</div>"
+    )
+
+
+def _findings(run: RunFiles) -> str:
+    if run.diagnosis is None:
+        notes = "".join(f"<li>{_e(m)}</li>" for m in run.missing if m.startswith("no diagnosis"))
+        return _section("findings", "Doctor", f"<p>The doctor could not judge this run.</p><ul>{notes}</ul>")
+    items = []
+    for number, f in enumerate(run.findings(), 1):
+        causes = "".join(f"<li>{_e(c)}</li>" for c in f.causes)
+        fixes = "".join(
+            f"<li>{f'<code>{_e(x.change)}</code> ' if x.change else ''}{_e(x.why)}</li>" for x in f.fixes
+        )
+        evidence = ", ".join(f"{_e(k)}={_e(_num(v))}" for k, v in f.evidence.items() if v is not None)
+        where = f"step {f.step}" if f.step is not None else "whole run"
+        items.append(
+            f'<li class="finding"><span class="num sev-{f.severity}">{number}</span>'
+            f'<span class="pill sev-{f.severity}">{_e(f.severity)}</span> <span class="muted">{where}</span>'
+            f'<div class="ftitle">{_e(f.title)}</div>'
+            f"<details><summary>evidence, likely causes and fixes</summary>"
+            f'<div class="muted small">{evidence}</div><div class="cols">'
+            f"<div><h4>likely causes</h4><ol>{causes}</ol></div>"
+            f"<div><h4>fixes, in order</h4><ol>{fixes}</ol></div></div></details></li>"
+        )
+    keep = _e(run.diagnosis.evidence.get("keep", ""))
+    body = (
+        f"<p>Verdict <b>{_e(run.diagnosis.verdict)}</b>; checkpoint to keep: "
+        f"<b>{_e(run.diagnosis.best_checkpoint or 'the final model')}</b> "
+        f'<span class="muted">({keep})</span></p>'
+        + (
+            f'<ol class="findings">{"".join(items)}</ol>'
+            if items
+            else "<p>No findings: nothing unusual in the curve.</p>"
+        )
+    )
+    return _section("findings", "Doctor: verdict and findings", body)
+
+
+def _eval_pair(evaluation: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    """(base, tuned) results from eval.json: {"base", "tuned"} or one result with `which`."""
+    if "base" in evaluation or "tuned" in evaluation:
+        return evaluation.get("base"), evaluation.get("tuned")
+    which = evaluation.get("which")
+    return (evaluation, None) if which == "base" else (None, evaluation) if which else (None, None)
+
+
+def _evaluation(run: RunFiles) -> str:
+    base, tuned = _eval_pair(run.evaluation)
+    if not base and not tuned:
+        return ""
+    rows = []
+    for key, label in EVAL_METRICS.items():
+        b, t = (base or {}).get(key), (tuned or {}).get(key)
+        if b is None and t is None:
+            continue
+        change = (
+            f"{(t - b) * 100:+.1f} pts" if isinstance(b, int | float) and isinstance(t, int | float) else "—"
+        )
+        rows.append((_e(label), _bar(b, "#9aa0a6"), _bar(t, "#188038"), _e(change)))
+    n = (tuned or base or {}).get("n")
+    return _section(
+        "evaluation",
+        "Evaluation: before and after",
+        _table(rows, ("metric", "base model", "tuned model", "change"), "wide")
+        + f'<p class="muted">greedy generation on {_e(_num(n))} test examples</p>',
+    )
+
+
+def _memorization(run: RunFiles) -> str:
+    m = run.memorization
+    if not m:
+        return ""
+    sets = m.get("sets") or {}
+    labels = {
+        "train": "training prompts",
+        "rephrased": "training prompts, lightly rephrased",
+        "heldout": "held-out prompts",
+    }
+    rows = [
+        (
+            _e(label),
+            _bar((sets.get(k) or {}).get("near_verbatim"), "#9334e6"),
+            _bar((sets.get(k) or {}).get("verbatim"), "#5f6368"),
+        )
+        for k, label in labels.items()
+    ]
+    color = BADGE_COLORS["warning" if m.get("flagged") else "healthy"]
+    flag = "memorized" if m.get("flagged") else "no sign of memorization"
+    body = (
+        f'<p><span class="pill" style="background:{color};color:white">{flag}</span> '
+        f"{_e(m.get('message', ''))}</p>"
+        + _table(
+            rows,
+            ("prompts", f"near-verbatim (similarity ≥ {_e(m.get('threshold', 0.9))})", "verbatim"),
+            "wide",
+        )
+    )
+    return _section("memorization", "Memorization check", body)
+
+
+def _samples(run: RunFiles) -> str:
+    if not run.samples:
+        return ""
+    cards = []
+    for s in run.samples[:5]:
+        ref = str(s.get("reference", "")).strip()
+        cells = [
+            f'<div class="prompt"><h4>prompt</h4><pre>{_e(s.get("prompt", ""))}</pre></div>',
+            f"<div><h4>reference</h4><pre>{_e(ref)}</pre></div>",
+        ]
+        for which in ("base", "tuned"):
+            if which in s:
+                out = str(s[which] or "").strip()
+                mark = ' <span class="pill ok">matches</span>' if out == ref and ref else ""
+                cells.append(f"<div><h4>{which}{mark}</h4><pre>{_e(out) or '<i>(empty)</i>'}</pre></div>")
+        cards.append(f'<div class="sample">{"".join(cells)}</div>')
+    return _section("samples", "Sample generations: base vs tuned", "".join(cards))
+
+
+def _plan_and_check(run: RunFiles) -> str:
+    p, s = run.plan, run.plan.get("steps") or {}
+    mem = p.get("memory") or {}
+    measured = (run.records[0] if run.records else {}).get("memory_bytes")
+    rows = [
+        ("optimizer steps", _num(s.get("total_steps"))),
+        ("steps per epoch", _num(s.get("steps_per_epoch"))),
+        ("epochs", _num(s.get("epochs"))),
+        ("effective batch", _num(s.get("effective_batch"))),
+        ("training examples", _num(s.get("examples"))),
+        ("warmup steps", _num(p.get("warmup_steps"))),
+        ("evaluations", _num(p.get("evaluations"))),
+        ("checkpoints saved", _num(p.get("saves"))),
+        ("learning rate", _num(p.get("learning_rate"))),
+        ("method", p.get("method", "—")),
+        ("memory estimate (step 1)", f"{_bytes(mem.get('peak'))} (measured {_bytes(measured)})"),
+    ]
+    body = (
+        _table([(_e(k), _e(v)) for k, v in rows])
+        if p
+        else '<p class="muted">no plan.json in this directory</p>'
+    )
+    items = run.check.get("items") or []
+    if items:
+        check_rows = [
+            (
+                f'<span class="pill st-{_e(i.get("status"))}">{_e(i.get("status"))}</span>',
+                _e(i.get("name")),
+                _e(i.get("detail")),
+                f"<code>{_e(i['fix'])}</code>" if i.get("fix") else "",
+            )
+            for i in items
+        ]
+        body += "<h3>Pre-flight check</h3>" + _table(check_rows, ("", "item", "detail", "fix"), "wide")
+    return _section("plan", "Plan and pre-flight check", body)
+
+
+def _hardware_and_time(run: RunFiles) -> str:
+    hw, r = run.plan.get("hardware") or {}, run.result
+    steps = [x.get("step_time") for x in run.records if isinstance(x.get("step_time"), int | float)]
+    rates = [x["tokens_per_s"] for x in run.records if isinstance(x.get("tokens_per_s"), int | float)]
+    rows = [
+        ("device", f"{hw.get('device', '—')} ({hw.get('device_name', '—')})"),
+        ("precision", hw.get("precision", "—")),
+        ("optimizer", hw.get("optim", "—")),
+        ("device memory", _bytes(hw.get("memory_bytes"))),
+        ("started", r.get("started", "—")),
+        ("duration", _duration(r.get("duration_s"))),
+        ("mean step time", _duration(sum(steps) / len(steps)) if steps else "—"),
+        ("mean throughput", f"{_num(sum(rates) / len(rates))} tokens/s" if rates else "—"),
+    ]
+    notes = "".join(f"<li>{_e(n)}</li>" for n in hw.get("notes") or [])
+    return _section(
+        "hardware",
+        "Hardware and time",
+        _table([(_e(k), _e(v)) for k, v in rows]) + (f"<ul>{notes}</ul>" if notes else ""),
+    )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def _default_config(method: Any) -> dict[str, Any]:
+    """Every default, with the method's own default learning rate; {} if the defaults cannot load."""
+    from tunewise.config import ConfigError, load_config
+
+    try:
+        defaults = load_config(None).to_dict()
+        if method:
+            by_method = load_config(None, [f"model.method={method}"]).to_dict()
+            defaults["training"]["learning_rate"] = by_method["training"]["learning_rate"]
+    except ConfigError:
+        return {}
+    return defaults
+
+
+def _config(run: RunFiles) -> str:
+    if not run.config:
+        return _section("config", "Config", '<p class="muted">no config.yaml in this directory</p>')
+    values = _flatten(run.config)
+    defaults = _flatten(_default_config((run.config.get("model") or {}).get("method")))
+    show = lambda v: json.dumps(v) if isinstance(v, list | dict | type(None) | bool) else str(v)  # noqa: E731
+    changed = [k for k in values if k not in defaults or show(defaults[k]) != show(values[k])]
+    rows = [
+        (
+            f"<code>{_e(k)}</code>",
+            f"<b>{_e(show(values[k]))}</b>",
+            _e(show(defaults[k])) if k in defaults else "<i>(not set)</i>",
+        )
+        for k in changed
+    ]
+    every = [(f"<code>{_e(k)}</code>", _e(show(v))) for k, v in values.items()]
+    body = (
+        f"<p>{len(changed)} of {len(values)} settings differ from the defaults.</p>"
+        + _table(rows, ("setting", "this run", "default"), "wide changed")
+        + f"<details><summary>every setting ({len(values)})</summary>{_table(every)}</details>"
+    )
+    return _section("config", "Config (resolved): differences from the defaults", body)
+
+
+# ----------------------------------------------------------------------------- the page
+
+CSS = """
+:root { --ink: #202124; --muted: #5f6368; --line: #e3e5e8; --bg: #f5f6f8; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.5 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 48px; }
+header { display: flex; justify-content: space-between; align-items: center; gap: 16px; }
+h1 { margin: 2px 0; font-size: 26px; }
+h2 { font-size: 17px; margin: 0 0 12px; }
+h3 { font-size: 14px; margin: 18px 0 8px; }
+h4 { margin: 0 0 4px; font-size: 11px; text-transform: uppercase; letter-spacing: .05em;
+  color: var(--muted); }
+.eyebrow { font-size: 11px; text-transform: uppercase; letter-spacing: .08em; color: var(--muted); }
+.muted { color: var(--muted); }
+.small { font-size: 12px; }
+.badge { color: #fff; font-weight: 700; letter-spacing: .06em; padding: 10px 18px; border-radius: 999px;
+  font-size: 15px; white-space: nowrap; box-shadow: 0 1px 3px rgba(0, 0, 0, .15); }
+.summary { font-size: 15px; background: #fff; border-left: 4px solid #3367d6; padding: 10px 14px;
+  border-radius: 6px; }
+.failure { background: #fce8e6; border: 1px solid #f5c2bd; color: #a50e0e; padding: 10px 14px;
+  border-radius: 6px; margin: 10px 0; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px;
+  margin: 16px 0; }
+.card, section { background: #fff; border: 1px solid var(--line); border-radius: 10px; }
+.card { padding: 10px 14px; }
+.card .label { font-size: 11px; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
+.card .value { font-size: 18px; font-weight: 600; margin-top: 2px; word-break: break-word; }
+section { padding: 18px 20px; margin: 16px 0; }
+.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 0 16px; }
+figure { margin: 0; }
+figure img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
+.grid3 { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 14px; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+td, th { padding: 6px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { font-size: 11px; color: var(--muted); text-transform: uppercase; font-weight: 600; }
+table.kv td:first-child { color: var(--muted); width: 40%; }
+table.changed td { background: #fef7e0; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #f1f3f4;
+  padding: 1px 4px; border-radius: 4px; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-word; background: #f8f9fa;
+  font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  border: 1px solid var(--line); border-radius: 6px; padding: 8px; max-height: 180px; overflow: auto; }
+.pill { display: inline-block; font-size: 11px; font-weight: 600; padding: 1px 8px; border-radius: 999px;
+  background: #e8eaed; }
+.sev-error { background: #d93025; color: #fff; }
+.sev-warning { background: #e37400; color: #fff; }
+.sev-info { background: #5f6368; color: #fff; }
+.st-PASS, .ok { background: #e6f4ea; color: #137333; }
+.st-WARN { background: #fef7e0; color: #b06000; }
+.st-FAIL { background: #fce8e6; color: #a50e0e; }
+ol.findings { list-style: none; padding: 0; margin: 0; }
+.finding { padding: 10px 0; border-top: 1px solid var(--line); }
+.finding .num { display: inline-flex; width: 20px; height: 20px; border-radius: 50%; align-items: center;
+  justify-content: center; font-size: 11px; font-weight: 700; margin-right: 6px; }
+.ftitle { margin: 4px 0 2px 26px; }
+.finding details { margin-left: 26px; }
+summary { cursor: pointer; color: #1a73e8; font-size: 12px; }
+.cols { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; margin-top: 6px; }
+.bar { display: inline-block; width: 140px; height: 8px; background: #f1f3f4; border-radius: 4px;
+  margin-right: 8px; vertical-align: middle; }
+.bar .fill { height: 8px; border-radius: 4px; }
+.barnum { font-variant-numeric: tabular-nums; }
+.sample { display: grid; grid-template-columns: 1.3fr 1fr 1fr 1fr; gap: 10px; padding: 12px 0;
+  border-top: 1px solid var(--line); }
+footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
+"""
+
+
+def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> str:
+    """The whole report page: every section the run has data for, images as base64 data URIs."""
+    loss_caption = (
+        "train loss at every optimizer step, validation loss at each evaluation; dotted lines end "
+        "each epoch, numbered dashed lines are the doctor's findings (listed below), the star is "
+        "the best checkpoint; red crosses on the top edge are NaN/inf losses"
+    )
+    dynamics = "".join(
+        [
+            _figure(
+                images, "learning_rate", "learning-rate schedule", "the rate each update used; warmup shaded"
+            ),
+            _figure(
+                images, "grad_norm", "gradient norm", "pre-clip gradient norm; dashed: the clipping threshold"
+            ),
+            _figure(images, "throughput", "throughput", "tokens processed per second of each optimizer step"),
+        ]
+    )
+    missing = (
+        (
+            "<details class='muted small'><summary>not in this directory</summary><ul>"
+            + "".join(f"<li>{_e(m)}</li>" for m in run.missing)
+            + "</ul></details>"
+        )
+        if run.missing
+        else ""
+    )
+    parts = [
+        _header(run, generated),
+        _cards(run),
+        _section(
+            "loss",
+            "Loss",
+            _figure(images, "loss", "training and validation loss", loss_caption)
+            or '<p class="muted">no loss was recorded</p>',
+        ),
+        _findings(run),
+        _section("dynamics", "Training dynamics", f'<div class="grid3">{dynamics}</div>') if dynamics else "",
+        _evaluation(run),
+        _memorization(run),
+        _samples(run),
+        f'<div class="two">{_plan_and_check(run)}{_hardware_and_time(run)}</div>',
+        _config(run),
+        missing,
+    ]
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>tunewise report: {_e(run.name)}</title><style>{CSS}</style></head><body><main>"
+        + "".join(parts)
+        + f"<footer>written by tunewise report · {generated:%Y-%m-%d %H:%M}</footer>"
+        "</main></body></html>\n"
+    )

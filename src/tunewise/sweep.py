@@ -1,0 +1,761 @@
+"""Sweep and lr-find: many short trainings of the same flow, spending as few steps as they can.
+
+A sweep is a grid of `key=value` overrides over one config. Each trial is its own `tunewise train`
+subprocess with its own run directory under `runs/sweep-<name>/trial-XX-<params>/`, so a trial that
+diverges, crashes or runs out of memory is recorded with its status and the doctor's verdict while the
+sweep goes on, and re-running the same sweep skips every trial that already reached a final status.
+`halving` is successive halving: every trial runs to the first rung, the best 1/eta continue from their
+checkpoint to the next rung, and so on; diverged trials drop out at once.
+
+The sweep directory holds sweep.json, heatmap.png (validation loss over the two main axes),
+curves.png (every trial's curves) and best.yaml (the winner's resolved config, for `tunewise train`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tunewise.config import Config, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRID = {"training.learning_rate": ["1e-4", "2e-4", "5e-4"], "adapter.r": ["4", "8", "16"]}
+FINAL_STATUSES = frozenset({"completed", "diverged", "failed"})
+BAD_STATUSES = frozenset({"diverged", "failed"})
+SHORT_KEYS = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga",
+              "weight_decay": "wd", "lr_scheduler_type": "sched", "warmup_steps": "warm",
+              "max_grad_norm": "clip", "num_train_epochs": "ep", "max_seq_length": "len"}
+
+
+@dataclass
+class SweepSpec:
+    """What to sweep: a config, its overrides, the grid, and how to spend the steps."""
+
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    grid: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_GRID))  # values as written
+    max_steps: int = 100
+    strategy: Literal["grid", "halving"] = "grid"
+    eta: int = 3  # halving keeps the best 1/eta at each rung
+    workers: int = 1
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    name: str | None = None  # default: <config stem>-<hash of everything above>
+
+
+@dataclass
+class Trial:
+    """One point of the grid and what became of it."""
+
+    index: int
+    params: dict[str, str]
+    run_dir: Path
+    status: str = "pending"  # pending | stopped (paused) | completed | diverged | failed
+    global_step: int = 0
+    steps_spent: int = 0  # optimizer steps this trial ran, over every invocation
+    seconds: float = 0.0
+    evals: dict[int, float] = field(default_factory=dict)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None
+    verdict: str | None = None
+    finding: str | None = None  # the doctor's summary, or its worst finding and first fix
+    pruned_at: int | None = None  # halving: the rung at which it was not promoted
+    rank_step: int | None = None  # the step its validation loss is compared at
+    val_loss: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def overrides(self) -> list[str]:
+        return [f"{key}={value}" for key, value in self.params.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("train_losses")
+        data.update(name=self.name, run_dir=str(self.run_dir),
+                    evals={str(k): v for k, v in self.evals.items()})
+        return data
+
+
+@dataclass
+class SweepResult:
+    """The ranked trials and where everything was written."""
+
+    sweep_dir: Path
+    spec: SweepSpec
+    trials: list[Trial]  # ranked: best validation loss at the compared step first
+    compare_step: int | None
+    rungs: list[int]
+    winner: Trial | None
+    total_steps: int
+    launched: int  # trial invocations this call ran (0 when everything was already done)
+    files: dict[str, str]
+
+
+@dataclass
+class TrialJob:
+    """One invocation of one trial: plain data, so a Ray task or a pool thread can run it."""
+
+    command: list[str]
+    run_dir: str
+    env: dict[str, str]
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def split_values(text: str) -> list[str]:
+    """Split `V1,V2,...` on the commas outside brackets (so `[q_proj,v_proj]` stays one value)."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return [v for v in values if v]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """`KEY=V1,V2,...` items -> {key: [values as written]}; raises ConfigError listing every bad item."""
+    grid: dict[str, list[str]] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = split_values(raw)
+        if not sep or not key.strip() or not values:
+            problems.append(f"--grid `{item}` is not KEY=V1,V2,...; "
+                            "write e.g. `training.learning_rate=1e-4,2e-4`")
+        elif key.strip() in grid:
+            problems.append(f"--grid `{key.strip()}` is given twice; put all its values in one item")
+        else:
+            grid[key.strip()] = values
+    if problems:
+        raise ConfigError(problems)
+    return grid
+
+
+def _short(key: str, value: str) -> str:
+    name = key.split(".")[-1]
+    text = re.sub(r"[^A-Za-z0-9.+-]+", "_", value).strip("_")[:16]
+    return f"{SHORT_KEYS.get(name, name)}{text}"
+
+
+def plan_trials(spec: SweepSpec, sweep_dir: Path) -> list[Trial]:
+    """Every combination of the grid, in order, each with its run directory name."""
+    keys = list(spec.grid)
+    trials = []
+    for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
+        params = dict(zip(keys, combo, strict=True))
+        label = "-".join(_short(k, v) for k, v in params.items())
+        trials.append(Trial(index, params, sweep_dir / f"trial-{index:02d}-{label}"))
+    return trials
+
+
+def sweep_name(spec: SweepSpec) -> str:
+    """The sweep's name: given, or the config's stem plus a hash of the spec (same sweep, same name)."""
+    if spec.name:
+        return spec.name
+    stem = Path(spec.config).stem if spec.config else "defaults"
+    key = json.dumps([spec.config, spec.overrides, spec.grid, spec.max_steps, spec.strategy, spec.eta])
+    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+
+
+def halving_rungs(max_steps: int, n_trials: int, eta: int) -> list[int]:
+    """Rung steps max/eta^k, ..., max/eta, max: as many rungs as halvings that leave one trial."""
+    levels = 1
+    while eta ** levels <= n_trials:
+        levels += 1
+    rungs = {max(1, round(max_steps / eta**k)) for k in range(levels)}
+    return sorted(rungs)
+
+
+def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> Config:
+    """Load every trial's config before anything runs; raises one ConfigError naming the trials."""
+    problems: list[str] = []
+    if spec.max_steps < 1:
+        problems.append(f"--max-steps is {spec.max_steps}; must be >= 1")
+    if spec.eta < 2:
+        problems.append(f"--eta is {spec.eta}; must be >= 2 (3 keeps the best third)")
+    base = load_config(spec.config, spec.overrides)
+    if base.data.train and not (base.data.validation or base.data.validation_split):
+        problems.append("a sweep ranks trials by validation loss: set `data.validation` or "
+                        "`data.validation_split` (e.g. data.validation_split=0.1)")
+    for trial in trials:
+        try:
+            load_config(spec.config, [*spec.overrides, *trial.overrides()])
+        except ConfigError as exc:
+            problems.extend(f"{trial.name}: {p}" for p in exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return base
+
+
+# ----------------------------------------------------------------------------- running trials
+
+
+def trial_command(spec: SweepSpec, trial: Trial, eval_every: int, stop_at: int | None,
+                  resume: bool) -> list[str]:
+    """`python -m tunewise.cli train ...` for one trial: its overrides, the step budget and its run dir."""
+    cmd = [sys.executable, "-m", "tunewise.cli", "train"]
+    if spec.config:
+        cmd.append(spec.config)
+    cmd += [*spec.overrides, *trial.overrides(), f"training.max_steps={spec.max_steps}",
+            "training.eval_strategy=steps", "training.save_strategy=steps",
+            f"training.eval_steps={eval_every}", f"training.save_steps={eval_every}",
+            f"name={trial.name}", f"output_dir={trial.run_dir.parent}", "--force", "--quiet"]
+    if stop_at is not None and stop_at < spec.max_steps:
+        cmd.append(f"--stop-at-step={stop_at}")
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def run_trial(job: TrialJob) -> dict[str, Any]:
+    """The trial function (local pool or Ray task): run one `tunewise train` process, log to trial.log."""
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(run_dir / "trial.log", "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(job.command)}\n")
+        log.flush()
+        proc = subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=job.env, check=False)
+    return {"run_dir": job.run_dir, "returncode": proc.returncode, "seconds": round(time.time() - started, 2)}
+
+
+def _trial_env(workers: int) -> dict[str, str]:
+    """The parent's environment with threads split between the parallel trials."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+    return dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+
+
+def run_jobs(jobs: list[TrialJob], spec: SweepSpec) -> list[dict[str, Any]]:
+    """Run the jobs: `workers` at a time as local processes, or as Ray tasks."""
+    if not jobs:
+        return []
+    if spec.backend == "ray":
+        return _run_ray(jobs, spec.ray_address)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
+        return list(pool.map(run_trial, jobs))  # each thread waits on its own trial process
+
+
+def _run_ray(jobs: list[TrialJob], address: str | None) -> list[dict[str, Any]]:
+    """The same trial function as Ray tasks, on the cluster at `address` or a local Ray instance."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(["--backend ray needs Ray: pip install 'tunewise[ray]'"]) from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    task = ray.remote(num_cpus=1)(run_trial)
+    return ray.get([task.remote(job) for job in jobs])
+
+
+# ----------------------------------------------------------------------------- reading a trial back
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a killed process
+    return records
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def refresh_trial(trial: Trial) -> None:
+    """Read status, steps, losses and the doctor's verdict back from the trial's run directory."""
+    result = _read_json(trial.run_dir / "result.json")
+    book = _read_json(trial.run_dir / "sweep_trial.json")
+    records = _metrics(trial.run_dir)
+    train = [r for r in records if r.get("type") == "train"]
+    trial.status = book.get("status") or result.get("status") or "pending"
+    trial.error = book.get("error") or result.get("error")
+    trial.global_step = int(result.get("global_step") or (train[-1]["step"] if train else 0))
+    trial.steps_spent = len(train)
+    trial.seconds = float(book.get("seconds", 0.0))
+    trial.train_losses = [(r["step"], r["loss"]) for r in train]
+    trial.evals = {r["step"]: r["eval_loss"] for r in records if r.get("type") == "eval" and "eval_loss" in r}
+    if trial.status in BAD_STATUSES or trial.status == "completed":
+        _diagnose(trial)
+
+
+def _diagnose(trial: Trial) -> None:
+    from tunewise.diagnose import DoctorError, diagnose_path
+
+    try:
+        diagnosis = diagnose_path(trial.run_dir)
+    except (DoctorError, OSError, ValueError) as exc:
+        trial.verdict, trial.finding = None, f"no diagnosis: {exc}"
+        return
+    trial.verdict = diagnosis.verdict
+    worst = sorted(diagnosis.findings, key=lambda f: {"error": 0, "warning": 1}.get(f.severity, 2))
+    if trial.status in BAD_STATUSES and worst:
+        fix = next((f.change for f in worst[0].fixes if f.change), None)
+        trial.finding = worst[0].title + (f" (fix: {fix})" if fix else "")
+    else:
+        trial.finding = diagnosis.summary
+
+
+def _record_invocation(trial: Trial, outcome: dict[str, Any]) -> None:
+    """Keep the trial's total time; a process that died without result.json is recorded as failed."""
+    path = trial.run_dir / "sweep_trial.json"
+    book = _read_json(path)
+    book["seconds"] = round(book.get("seconds", 0.0) + outcome["seconds"], 2)
+    book["invocations"] = book.get("invocations", 0) + 1
+    book["params"] = trial.params
+    result = _read_json(trial.run_dir / "result.json")
+    died = outcome["returncode"] != 0 and result.get("status") not in FINAL_STATUSES | {"stopped"}
+    if died or (outcome["returncode"] < 0 and result.get("status") == "stopped"):
+        book["status"] = "failed"
+        book["error"] = (f"the trial process ended with code {outcome['returncode']} before writing its "
+                         "result (killed: out of memory?); see trial.log")
+    path.write_text(json.dumps(book, indent=2) + "\n", encoding="utf-8")
+
+
+def _prepare_rerun(trial: Trial) -> bool:
+    """Before running a trial again: resume from its checkpoint (True), or start clean (False)."""
+    from tunewise.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(trial.run_dir)
+    step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    path = trial.run_dir / "metrics.jsonl"
+    if path.is_file():  # drop records past the checkpoint: those steps run again
+        kept = [r for r in _metrics(trial.run_dir) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    if not checkpoint:
+        (trial.run_dir / "findings.jsonl").unlink(missing_ok=True)
+    return checkpoint is not None
+
+
+def advance(spec: SweepSpec, trials: list[Trial], target: int, eval_every: int,
+            on_trial: Callable[[str, Trial], None] | None = None) -> int:
+    """Bring every trial that is not final to step `target` (pausing there when below max_steps).
+
+    Returns the number of trial processes launched.
+    """
+    todo = [t for t in trials if t.status not in FINAL_STATUSES and not (t.status == "stopped" and
+                                                                        t.global_step >= target)]
+    jobs = []
+    for trial in todo:
+        resume = _prepare_rerun(trial) if trial.run_dir.exists() else False
+        command = trial_command(spec, trial, eval_every, target, resume)
+        jobs.append(TrialJob(command, str(trial.run_dir), _trial_env(spec.workers)))
+        if on_trial:
+            on_trial("start", trial)
+    for trial, outcome in zip(todo, run_jobs(jobs, spec), strict=True):
+        _record_invocation(trial, outcome)
+        refresh_trial(trial)
+        if on_trial:
+            on_trial("end", trial)
+    return len(jobs)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(spec: SweepSpec, on_trial: Callable[[str, Trial], None] | None = None) -> SweepResult:
+    """Run (or resume) a sweep; write sweep.json, the plots and best.yaml; return the ranked trials.
+
+    Args:
+        spec: the config, the grid and the strategy.
+        on_trial: called with ("start" | "end", trial) around each trial process.
+
+    Raises:
+        ConfigError: a bad grid or a trial config that cannot load, before any trial runs.
+    """
+    base = validate_sweep(spec, plan_trials(spec, Path(".")))
+    sweep_dir = Path(base.output_dir) / f"sweep-{sweep_name(spec)}"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    trials = plan_trials(spec, sweep_dir)
+    for trial in trials:
+        refresh_trial(trial)
+    halving = halving_rungs(spec.max_steps, len(trials), spec.eta)
+    eval_every = halving[0]
+    launched = 0
+    if spec.strategy == "grid":
+        rungs = [spec.max_steps]
+        launched += advance(spec, trials, spec.max_steps, eval_every, on_trial)
+    else:
+        rungs, alive = halving, trials
+        for i, rung in enumerate(rungs):
+            launched += advance(spec, alive, rung, eval_every, on_trial)
+            if i < len(rungs) - 1:
+                alive = promote(alive, rung, spec.eta)
+    ranked, compare_step = rank_trials(trials, spec.strategy, rungs)
+    winner = ranked[0] if ranked and ranked[0].val_loss is not None else None
+    result = SweepResult(sweep_dir, spec, ranked, compare_step, rungs, winner,
+                         sum(t.steps_spent for t in trials), launched, {})
+    write_outputs(result, base)
+    return result
+
+
+def promote(trials: list[Trial], rung: int, eta: int) -> list[Trial]:
+    """Keep the best 1/eta (at least one) by validation loss at `rung`; mark the rest pruned there."""
+    scored = [t for t in trials if t.status not in BAD_STATUSES and _finite(t.evals.get(rung))]
+    scored.sort(key=lambda t: t.evals[rung])
+    keep = scored[: max(1, math.ceil(len(scored) / eta))] if scored else []
+    for trial in trials:
+        if trial not in keep and trial.status not in BAD_STATUSES:
+            trial.pruned_at = rung
+    return keep
+
+
+def rank_trials(trials: list[Trial], strategy: str, rungs: list[int]) -> tuple[list[Trial], int | None]:
+    """Sort by validation loss at the compared step; failed trials last.
+
+    Grid: the compared step is the last eval step every surviving trial reached. Halving: each trial is
+    compared at the highest rung it reached, trials that got further first.
+    """
+    survivors = [t for t in trials if t.status not in BAD_STATUSES and t.evals]
+    if strategy == "grid":
+        common = set.intersection(*(set(t.evals) for t in survivors)) if survivors else set()
+        ladder = [max(common)] if common else []
+    else:
+        ladder = rungs
+    for trial in trials:
+        reached = [s for s in ladder if s in trial.evals and _finite(trial.evals[s])]
+        ok = trial.status not in BAD_STATUSES and reached
+        trial.rank_step = max(reached) if ok else None
+        trial.val_loss = trial.evals[trial.rank_step] if ok else None
+    ranked = sorted(trials, key=lambda t: (t.val_loss is None, -(t.rank_step or 0), t.val_loss or 0.0,
+                                           t.index))
+    compare = ladder[-1] if ladder else None
+    return ranked, compare
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(result: SweepResult, base: Config) -> None:
+    """sweep.json, heatmap.png, curves.png and the winner's best.yaml in the sweep directory."""
+    out = result.sweep_dir
+    files = {"sweep": str(out / "sweep.json")}
+    if plot_heatmap(result.trials, result.spec.grid, out / "heatmap.png"):
+        files["heatmap"] = str(out / "heatmap.png")
+    plot_curves(result.trials, out / "curves.png")
+    files["curves"] = str(out / "curves.png")
+    if result.winner is not None:
+        files["best_config"] = str(write_best_config(result, base))
+    result.files = files
+    data = {
+        "name": out.name.removeprefix("sweep-"),
+        "spec": asdict(result.spec),
+        "strategy": result.spec.strategy,
+        "rungs": result.rungs,
+        "compare_step": result.compare_step,
+        "total_steps": result.total_steps,
+        "launched": result.launched,
+        "winner": result.winner.to_dict() if result.winner else None,
+        "trials": [t.to_dict() for t in result.trials],
+        "files": files,
+    }
+    (out / "sweep.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_best_config(result: SweepResult, base: Config) -> Path:
+    """The winner's resolved config (every default filled in) with its own run name: best.yaml."""
+    spec, winner = result.spec, result.winner
+    assert winner is not None
+    cfg = load_config(spec.config, [*spec.overrides, *winner.overrides()])
+    cfg.name = f"{result.sweep_dir.name}-best"
+    cfg.output_dir = base.output_dir
+    path = result.sweep_dir / "best.yaml"
+    path.write_text(cfg.to_yaml(), encoding="utf-8")
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(trials: list[Trial], grid: dict[str, list[str]], path: Path) -> bool:
+    """Validation loss over the two axes with the most values (best over any other axis); False: no axes."""
+    axes = sorted((k for k in grid if len(grid[k]) > 1), key=lambda k: -len(grid[k]))[:2]
+    if not axes:
+        return False
+    rows_key, cols_key = (axes[1], axes[0]) if len(axes) == 2 else (None, axes[0])
+    row_values = grid[rows_key] if rows_key else [""]
+    col_values = grid[cols_key]
+    cells: list[list[float]] = [[math.nan] * len(col_values) for _ in row_values]
+    labels: list[list[str]] = [[""] * len(col_values) for _ in row_values]
+    for t in trials:
+        r = row_values.index(t.params[rows_key]) if rows_key else 0
+        c = col_values.index(t.params[cols_key])
+        if t.val_loss is not None and not (cells[r][c] <= t.val_loss):
+            cells[r][c] = t.val_loss
+            labels[r][c] = f"{t.val_loss:.4g}\n@{t.rank_step}"
+        elif t.val_loss is None and not labels[r][c]:
+            labels[r][c] = t.status if t.status in BAD_STATUSES else "-"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_values), 1.2 + 0.9 * len(row_values)))
+    image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
+    for r, row in enumerate(labels):
+        for c, text in enumerate(row):
+            color = "black" if math.isnan(cells[r][c]) else "white"
+            ax.text(c, r, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(col_values)), col_values)
+    ax.set_yticks(range(len(row_values)), row_values)
+    ax.set_xlabel(cols_key)
+    ax.set_ylabel(rows_key or "")
+    ax.set_title("validation loss (lower is better)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(trials: list[Trial], path: Path) -> None:
+    """Train loss (left) and validation loss (right) of every trial in one figure."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for t in trials:
+        label = f"{t.name.split('-', 2)[-1]} ({t.status})"
+        steps = [s for s, loss in t.train_losses if _finite(loss)]
+        losses = [loss for _, loss in t.train_losses if _finite(loss)]
+        (line,) = left.plot(steps, losses, lw=1, alpha=0.8, label=label)
+        evals = sorted((s, v) for s, v in t.evals.items() if _finite(v))
+        if evals:
+            right.plot(*zip(*evals, strict=True), marker="o", ms=3, color=line.get_color(), label=label)
+    left.set(title="train loss", xlabel="step", ylabel="loss")
+    right.set(title="validation loss", xlabel="step", ylabel="loss")
+    right.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- lr-find
+
+SMOOTHING = 0.9  # EMA factor: ~10 steps of memory; fastai's 0.98 lags by ~50 steps on a 100-step ramp
+DIVERGE_FACTOR = 4.0
+LR_FIND_NOTE = ("learning-rate range tests are known to mislead on transformers and LoRA: the ramp is short, "
+                "starts from one initialization, has no warmup, and Adam's early steps and small noisy "
+                "batches move the curve; read lr_find.png and confirm with `tunewise sweep`")
+
+
+@dataclass
+class LRFindResult:
+    """The range test's curve and what it suggests."""
+
+    out_dir: Path
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    stop_reason: str
+    minimum: float | None  # lr at the smoothed-loss minimum
+    steepest: float | None  # lr where the smoothed loss falls fastest
+    suggestion: float | None
+    rule: str
+    caution: str | None
+    note: str = LR_FIND_NOTE
+
+    def sweep_override(self) -> str | None:
+        """`training.learning_rate=X` for `tunewise train`."""
+        return f"training.learning_rate={self.suggestion:.2g}" if self.suggestion else None
+
+    def sweep_grid(self) -> str | None:
+        """A `--grid` item centered on the suggestion: x0.5, x1, x2."""
+        if not self.suggestion:
+            return None
+        return "training.learning_rate=" + ",".join(f"{self.suggestion * m:.2g}" for m in (0.5, 1, 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(out_dir=str(self.out_dir), sweep_override=self.sweep_override(),
+                    sweep_grid=self.sweep_grid())
+        return data
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average; a non-finite loss makes the rest non-finite."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, float | None,
+                                                                  str, str | None]:
+    """(minimum, steepest, suggestion, rule, caution) from the smoothed curve.
+
+    The suggestion is the lr at the smoothed minimum / 10 (the "valley" rule); the steepest descent of
+    the smoothed loss over log(lr) is reported next to it. A caution says why the curve is unclear.
+    """
+    import numpy as np
+
+    finite = [i for i, x in enumerate(smoothed) if math.isfinite(x)]
+    if len(finite) < 5:
+        return None, None, None, "none", "fewer than 5 finite points: lower --start or run more --steps"
+    n = finite[-1] + 1
+    loss = np.array(smoothed[:n])
+    i_min = int(np.nanargmin(loss))
+    minimum = lrs[i_min]
+    slope = np.gradient(loss[: i_min + 1], np.log10(lrs[: i_min + 1])) if i_min >= 2 else None
+    steepest = lrs[int(np.argmin(slope))] if slope is not None else None
+    suggestion = min(max(minimum / 10, lrs[0]), lrs[n - 1])
+    rule = (f"valley: a tenth of the lr at the smoothed-loss minimum ({minimum:.2g}); "
+            f"steepest descent at {steepest:.2g}" if steepest else f"valley: a tenth of {minimum:.2g}")
+    problems = []
+    drop = (loss[0] - loss[i_min]) / abs(loss[0]) if loss[0] else 0.0
+    if drop < 0.05:
+        problems.append(f"the smoothed loss fell only {drop:.1%} over the range")
+    if i_min >= n - 2:
+        problems.append("the loss was still falling at the end of the range (raise --end or --steps)")
+    if i_min < max(3, n // 10):
+        problems.append("the loss rose almost from the start (lower --start)")
+    if steepest and not 1 / 10 <= steepest / suggestion <= 10:
+        problems.append(f"the two rules disagree by {max(steepest / suggestion, suggestion / steepest):.0f}x")
+    caution = "; ".join(problems) + f". {LR_FIND_NOTE}" if problems else None
+    return minimum, steepest, suggestion, rule, caution
+
+
+def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float], reason: list[str]) -> Any:
+    """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
+    from transformers import TrainerCallback
+
+    class RangeRecorder(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+                   **kwargs: Any) -> None:
+            if not logs or "loss" not in logs or "learning_rate" not in logs:
+                return
+            lrs.append(float(logs["learning_rate"]))
+            losses.append(float(logs["loss"]))
+            smoothed[:] = smooth(losses)
+            best = min((x for x in smoothed if math.isfinite(x)), default=math.inf)
+            if not math.isfinite(smoothed[-1]):
+                reason.append(f"the loss became non-finite at lr {lrs[-1]:.2g}")
+            elif len(smoothed) > 3 and smoothed[-1] > DIVERGE_FACTOR * best:
+                reason.append(f"the smoothed loss passed {DIVERGE_FACTOR:g}x its minimum at lr {lrs[-1]:.2g}")
+            control.should_training_stop = bool(reason)
+
+    return RangeRecorder()
+
+
+def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Any:
+    """A Trainer over the tunewise model and data, with the config's batch, precision and optimizer."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
+
+    from tunewise.data import DataCollator, build_datasets, ensure_pad_token
+    from tunewise.model import load_model, load_tokenizer, resolve_hardware
+    from tunewise.train import training_arguments
+
+    cfg.training.update(max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+                        logging_steps=1, report_to="none", warmup_steps=0, lr_scheduler_type="constant")
+    hw = resolve_hardware(cfg)
+    tokenizer = load_tokenizer(cfg)
+    pad_added = ensure_pad_token(tokenizer)
+    bundle = build_datasets(cfg.data, tokenizer)
+    set_seed(int(cfg.training.get("seed", 42)))  # the same initial adapter every time
+    model = load_model(cfg, hw, tokenizer, pad_added)
+    trainer = Trainer(model=model, args=training_arguments(cfg, out_dir, hw, has_eval=False),
+                      train_dataset=bundle.to_hf("train"),
+                      data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+                      processing_class=tokenizer)
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps: int = 100,
+                       out_dir: Path | None = None) -> LRFindResult:
+    """Learning-rate range test: lr grows exponentially from `start` to `end` over `steps` optimizer steps.
+
+    Stops when the smoothed loss passes 4x its minimum. Writes lr_find.json and lr_find.png.
+
+    Raises:
+        ConfigError: a range that cannot work.
+    """
+    import copy
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not 0 < start < end or steps < 5:
+        raise ConfigError([f"lr-find needs 0 < --start < --end and --steps >= 5 "
+                           f"(got --start {start}, --end {end}, --steps {steps})"])
+    cfg = copy.deepcopy(cfg)
+    out_dir = out_dir or Path(cfg.output_dir) / (f"lr-find-{cfg.name}" if cfg.name else "lr-find")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _range_trainer(cfg, out_dir, steps)
+    trainer.create_optimizer()
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1.0  # LambdaLR multiplies this: the lambda is the learning rate itself
+    ratio = end / start
+    trainer.lr_scheduler = LambdaLR(trainer.optimizer,
+                                    lambda i: start * ratio ** (min(i, steps - 1) / (steps - 1)))
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    reason: list[str] = []
+    trainer.add_callback(_range_recorder(lrs, losses, smoothed, reason))
+    trainer.train()
+    minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smoothed)
+    stop_reason = reason[0] if reason else f"reached --end after {len(lrs)} steps"
+    result = LRFindResult(out_dir, lrs, losses, smoothed, stop_reason, minimum, steepest, suggestion, rule,
+                          caution)
+    (out_dir / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    plot_lr_find(result, out_dir / "lr_find.png")
+    return result
+
+
+def plot_lr_find(result: LRFindResult, path: Path) -> None:
+    """Smoothed loss against the learning rate (log x), with both rules marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
+    marks = [(result.minimum, "C3", "minimum"), (result.steepest, "C2", "steepest descent"),
+             (result.suggestion, "C1", "suggestion (minimum / 10)")]
+    for lr, color, label in marks:
+        if lr:
+            ax.axvline(lr, color=color, ls="--", lw=1, label=f"{label}: {lr:.2g}")
+    ax.set_xscale("log")
+    finite = [x for x in result.smoothed if math.isfinite(x)]
+    if finite:
+        low, high = min(finite), min(max(finite), DIVERGE_FACTOR * min(finite))
+        ax.set_ylim(low - 0.05 * abs(low), high * 1.05)
+    ax.set(xlabel="learning rate", ylabel="loss", title="learning-rate range test")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
