@@ -325,7 +325,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 ]
             )
         cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if getattr(args, "memorization", False):
+        return _eval_memorization(args, cfg, run_dir)
     result = evaluate(cfg, run_dir, limit=args.limit)
+
     if run_dir is not None:
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
@@ -347,6 +350,82 @@ def _print_eval(result: dict) -> None:
     )
 
 
+def _eval_memorization(args: argparse.Namespace, cfg: Any, run_dir: Path | None) -> int:
+    from tunewise.evaluate import check_memorization
+
+    if run_dir is None:
+        raise ConfigError(["--memorization checks a trained run: pass its RUN_DIR instead of --base"])
+    result = check_memorization(cfg, run_dir, n=args.limit or 20)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, label in [("train", "training prompts"), ("rephrased", "same, lightly rephrased"),
+                        ("heldout", "held-out prompts")]:
+        numbers = result["sets"][name]
+        _say(f"  {label:<24} near-verbatim {numbers['near_verbatim']:.0%}  "
+             f"verbatim {numbers['verbatim']:.0%}  (n={numbers['n']})")
+    _say(result["message"], style="bold red" if result["flagged"] else "bold green")
+    _say(f"wrote {run_dir / 'memorization.json'}")
+    return 1 if result["flagged"] else 0
+
+
+def _require_run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError([f"`{run_dir}` is not a run directory (no config.yaml); pass the directory that "
+                           "`tunewise train` printed"])
+    return run_dir
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from tunewise.report import write_report
+
+    path = Path(args.run_dir)
+    if not path.exists():
+        raise ConfigError([f"`{path}` does not exist; pass a run directory or a Trainer output directory"])
+    out = write_report(path)
+    _say(f"wrote {out} (and its charts as PNG files next to it)")
+    if args.open:
+        webbrowser.open(out.resolve().as_uri())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunewise.evaluate import conversations_from_file, generate, load_for_inference, prompt_conversations
+
+    run_dir = _require_run_dir(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if bool(args.prompt) == bool(args.file):
+        raise ConfigError(["generate needs exactly one of --prompt TEXT or --file FILE"])
+    conversations = (prompt_conversations(cfg, [args.prompt]) if args.prompt
+                     else conversations_from_file(cfg, Path(args.file)))
+    model, tokenizer = load_for_inference(cfg, run_dir)
+    replies = generate(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
+                       sample=args.sample, temperature=args.temperature)
+    if args.json:
+        print(json.dumps([{"prompt": c[-1]["content"] if c else "", "reply": r}
+                          for c, r in zip(conversations, replies, strict=True)], indent=2))
+        return 0
+    for conversation, reply in zip(conversations, replies, strict=True):
+        if len(conversations) > 1:
+            _say(f"> {conversation[-1]['content'] if conversation else ''}", style="dim")
+        _say(reply)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunewise.export import merge_adapter
+
+    result = merge_adapter(_require_run_dir(args.run_dir), Path(args.out), args.dtype)
+    for note in result.notes:
+        _say(f"note: {note}", style="bold yellow")
+    _say(f"merged {args.run_dir}/adapter into {result.base} ({result.dtype}): {result.out_dir}\n"
+         f"load it with AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})", style="bold")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tunewise.demo import run_demo
 
@@ -359,6 +438,92 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Progress(args.quiet),
         overrides=args.overrides,
     )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tunewise.sweep import DEFAULT_GRID, SweepSpec, parse_grid, run_sweep
+
+    grid = parse_grid([item for group in args.grid or [] for item in group]) or dict(DEFAULT_GRID)
+    spec = SweepSpec(config=args.config, overrides=args.overrides, grid=grid, max_steps=args.max_steps,
+                     strategy=args.strategy, eta=args.eta, workers=args.workers, backend=args.backend,
+                     ray_address=args.ray_address, name=args.name)
+    result = run_sweep(spec, on_trial=None if args.json else _print_trial_event)
+    if args.json:
+        print(json.dumps(json.loads((result.sweep_dir / "sweep.json").read_text()), indent=2))
+    else:
+        _print_sweep(result)
+    if args.then_train and result.winner is not None:
+        _say(f"training the winner {result.winner.name} with its resolved config", style="bold")
+        return main(["train", result.files["best_config"]])
+    return 0 if result.winner is not None else 1
+
+
+def _print_trial_event(event: str, trial: Any) -> None:
+    params = " ".join(trial.overrides())
+    if event == "start":
+        _say(f"{trial.name}: running ({params})")
+        return
+    evals = sorted(trial.evals.items())
+    last = f"val loss {_fmt(evals[-1][1])} at step {evals[-1][0]}" if evals else "no eval"
+    style = "red" if trial.status in ("failed", "diverged") else None
+    _say(f"{trial.name}: {trial.status} at step {trial.global_step}, {last}, {trial.seconds:.0f}s",
+         style=style)
+
+
+def _print_sweep(result: Any) -> None:
+    spec = result.spec
+    where = (f"at step {result.compare_step}" if spec.strategy == "grid"
+             else f"at the highest rung each reached (rungs {', '.join(map(str, result.rungs))})")
+    _say(f"sweep {result.sweep_dir}: {spec.strategy}, {len(result.trials)} trials, "
+         f"up to {spec.max_steps} steps; ranked by validation loss {where}", style="bold")
+    if result.launched == 0:
+        _say("every trial was already done: nothing was run again (delete a trial directory to re-run it)")
+    keys = list(spec.grid)
+    head = f"{'#':>2}  {'trial':32} " + " ".join(f"{k.split('.')[-1][:13]:>13}" for k in keys)
+    _say(f"{head}  {'status':9} {'verdict':17} {'steps':>5} {'time':>6}  val loss")
+    for rank, t in enumerate(result.trials, start=1):
+        cells = " ".join(f"{t.params[k][:13]:>13}" for k in keys)
+        loss = f"{_fmt(t.val_loss)} @{t.rank_step}" if t.val_loss is not None else "-"
+        mark = "  <- winner" if t is result.winner else ""
+        status = f"pruned@{t.pruned_at}" if t.pruned_at and t.status == "stopped" else t.status
+        style = "bold green" if mark else ("red" if t.status in ("failed", "diverged") else None)
+        _say(f"{rank:>2}  {t.name[:32]:32} {cells}  {status:9} {t.verdict or '-':17} {t.global_step:>5} "
+             f"{t.seconds:>5.0f}s  {loss}{mark}", style=style)
+        if t.status in ("failed", "diverged"):
+            _say(f"      {t.finding or t.error or ''}"[:300])
+    _say(f"optimizer steps spent: {result.total_steps}; files: {', '.join(result.files.values())}")
+    if result.winner is not None:
+        _say(f"winner: {' '.join(result.winner.overrides())}  (val loss {_fmt(result.winner.val_loss)})",
+             style="bold")
+        _say(f"next: tunewise train {result.files['best_config']}   (or re-run with --then-train)")
+    else:
+        _say("no trial finished with a validation loss: see the findings above", style="bold red")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from tunewise.sweep import find_learning_rate
+
+    cfg = load_config(args.config, args.overrides)
+    result = find_learning_rate(cfg, start=args.start, end=args.end, steps=args.steps)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    _say(f"lr-find: {len(result.lrs)} steps from lr {_fmt(args.start, 2)} to {_fmt(result.lrs[-1], 2)}; "
+         f"stopped: {result.stop_reason}", style="bold")
+    if result.suggestion is None:
+        _say(f"no suggestion: {result.caution}", style="bold red")
+    else:
+        _say(f"suggested: {result.sweep_override()}  ({result.rule})", style="bold green")
+    if result.caution:
+        _say(f"caution: {result.caution}", style="yellow")
+    else:
+        _say(f"note: {result.note}")
+    _say(f"curve: {result.out_dir / 'lr_find.png'}  data: {result.out_dir / 'lr_find.json'}")
+    if result.suggestion is not None:
+        words = ["tunewise sweep", args.config, *args.overrides, "--grid", result.sweep_grid()]
+        words = [w for w in words if w]
+        _say(f"next: {' '.join(words)}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -433,8 +598,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="evaluate the base model of --config instead of a run")
     p.add_argument("--config", default=None, help="config for --base (default: defaults)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples")
+    p.add_argument("--memorization", action="store_true",
+                   help="memorization check: training vs rephrased vs held-out prompts (--limit N each, "
+                   "default 20); writes memorization.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p = add("sweep", cmd_sweep, "hyperparameter search: one short training per grid point, ranked by "
+            "validation loss, with the doctor's verdict per trial; re-running resumes")
+    p.add_argument("--grid", nargs="+", action="append", metavar="KEY=V1,V2",
+                   help="values to try, e.g. --grid training.learning_rate=1e-4,2e-4 adapter.r=8,16 "
+                   "(default: learning_rate 1e-4,2e-4,5e-4 x adapter.r 4,8,16); put overrides before --grid")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps per trial (default 100)")
+    p.add_argument("--strategy", choices=["grid", "halving"], default="grid",
+                   help="grid: every trial runs max-steps; halving: successive halving, keep the best 1/eta "
+                   "at each rung")
+    p.add_argument("--eta", type=int, default=3, help="halving: keep the best 1/eta at each rung (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="trials run in parallel on this machine")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local processes, or Ray tasks (pip install 'tunewise[ray]')")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--name", default=None, help="sweep name (default: config name + a hash of the sweep)")
+    p.add_argument("--then-train", action="store_true", help="then train the winner with its resolved config")
+    p.add_argument("--json", action="store_true", help="machine-readable output (sweep.json)")
+    p = add("lr-find", cmd_lr_find, "learning-rate range test: ramp the lr exponentially, plot the loss, "
+            "suggest a rate and a sweep grid around it")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=float, default=1.0, help="last learning rate (default 1)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in the ramp (default 100)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (lr_find.json)")
+    p = add("report", cmd_report, "one self-contained report.html: curves, findings, eval, samples, config",
+            False)
+    p.add_argument("run_dir", help="run directory, Trainer output directory or trainer_state.json")
+    p.add_argument("--open", action="store_true", help="open the report in the default browser")
+    p = add("generate", cmd_generate, "generate with a trained run (adapter applied, chat template; greedy)",
+            False)
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--prompt", default=None, help="one prompt (a user message)")
+    p.add_argument("--file", default=None,
+                   help="prompts: a text file (one per line) or a data file (JSONL, ...)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate per reply (default 128)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("merge", cmd_merge, "merge the LoRA adapter into the base weights: a plain Transformers "
+            "model directory", False)
+    p.add_argument("run_dir", help="run directory of a lora or qlora run")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the merged weights (default fp32); a qlora base is reloaded "
+                   "unquantized in it")
     p = add(
         "demo", cmd_demo, "the embedded model on the bundled dataset: check, train, evaluate, diagnose", False
     )

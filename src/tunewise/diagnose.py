@@ -294,6 +294,18 @@ class CurveWatcher:
     def flat_at_end(self) -> bool:
         return self.end_change is not None and self.end_change > -FLAT_BAND
 
+    def trouble_began(self, step: int) -> int:
+        """The step where the climb that ended at `step` (a divergence) began: the first of the losses right
+        before it that all sit above 2x (and 1.0 above) the lowest loss seen before them; else `step`."""
+        before = [(s, x) for s, x in self.losses if s < step]
+        began = step
+        for i in range(len(before) - 1, 0, -1):
+            low = min(x for _, x in before[:i])
+            if not (before[i][1] > SPIKE_RATIO * low and before[i][1] > low + SPIKE_ABOVE_MIN):
+                break
+            began = before[i][0]
+        return began
+
     @property
     def nothing_trained(self) -> bool:
         """No token trained for NO_SIGNAL_POINTS steps in a row (or at all), and no falling loss after."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,192 @@ def evaluate(
         for c, r, p in list(zip(conversations, references, predictions, strict=True))[:5]
     ]
     return result
+
+
+# ----------------------------------------------------------------------------- memorization
+
+# Instruction words and their synonyms for `rephrase`: common imperative verbs and phrasings.
+SYNONYMS = (
+    ("Extract", "Pull out"), ("extract", "pull out"), ("Convert", "Turn"), ("convert", "turn"),
+    ("Summarize", "Sum up"), ("summarize", "sum up"), ("Write", "Compose"), ("write", "compose"),
+    ("Explain", "Describe"), ("explain", "describe"), ("Translate", "Render"), ("translate", "render"),
+    ("Give", "Provide"), ("give", "provide"), ("Classify", "Categorize"), ("classify", "categorize"),
+    ("Tell me", "Let me know"), ("as JSON", "in JSON form"),
+    ("the contact", "the contact details"),
+)  # fmt: skip
+NEAR_VERBATIM = 0.9  # normalized edit similarity at or above which a reply counts as a near-verbatim copy
+MEMORIZED_MIN = 0.5  # training-prompt reproduction below this is never called memorization
+MEMORIZED_GAP = 0.3  # ... nor when it is less than this far above the held-out and rephrased rates
+
+
+def rephrase(text: str) -> str:
+    """Lightly rephrase a prompt, deterministically; the answer it asks for stays the same.
+
+    The first line is taken as the instruction (the whole text when it is one line):
+      1. instruction synonyms: each word or phrase of `SYNONYMS` is replaced once ("Extract" ->
+         "Pull out", "as JSON" -> "in JSON form", ...);
+      2. casing: the first letter of the instruction flips case;
+      3. punctuation: a final "." of the instruction is dropped; one is added after a bare last word;
+      4. clause reordering: with several lines (instruction + input) the instruction moves after the
+         input; a one-line prompt swaps the two clauses around its first ", ".
+    """
+    for word, synonym in SYNONYMS:
+        text = re.sub(rf"\b{re.escape(word)}\b", synonym, text, count=1)
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if not lines:
+        return text
+    first = lines[0]
+    first = (first[:1].lower() if first[:1].isupper() else first[:1].upper()) + first[1:]
+    first = first[:-1] if first.endswith(".") else first if first.endswith(("?", "!", ":")) else first + "."
+    if len(lines) >= 2:
+        return "\n".join([*lines[1:], first])
+    if ", " in first:
+        head, tail = first.split(", ", 1)
+        return f"{tail}, {head}"
+    return first
+
+
+def _rephrase_conversation(conversation: list[dict]) -> list[dict]:
+    """The conversation with its last user turn before the answer rephrased."""
+    prompt = [dict(m) for m in _prompt_of(conversation)]
+    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
+    if last_user is not None:
+        prompt[last_user]["content"] = rephrase(prompt[last_user]["content"])
+    return [*prompt, {"role": "assistant", "content": reference_of(conversation)}]
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein distance / length of the longer text, on whitespace-normalized texts (1.0 = same)."""
+    a, b = _normalize(a), _normalize(b)
+    if not a and not b:
+        return 1.0
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return 1.0 - previous[-1] / max(len(a), len(b))
+
+
+def reproduction(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """How often predictions reproduce the references: verbatim, near-verbatim, mean similarity."""
+    sims = [edit_similarity(p, r) for p, r in zip(predictions, references, strict=True)]
+    n = max(len(sims), 1)
+    return {
+        "n": len(sims),
+        "verbatim": sum(_normalize(p) == _normalize(r) for p, r in zip(predictions, references, strict=True))
+        / n,
+        "near_verbatim": sum(s >= NEAR_VERBATIM for s in sims) / n,
+        "mean_similarity": sum(sims) / n,
+    }
+
+
+def judge_memorization(sets: dict[str, dict[str, float]]) -> tuple[bool, str]:
+    """(flagged, message): memorized when training prompts are reproduced far more than the others."""
+    train, rephrased, heldout = (sets[k]["near_verbatim"] for k in ("train", "rephrased", "heldout"))
+    numbers = (
+        f"{train:.0%} of training responses reproduced near-verbatim from their own prompts, "
+        f"{rephrased:.0%} from the same prompts lightly rephrased, {heldout:.0%} of held-out answers"
+    )
+    flagged = (
+        train >= MEMORIZED_MIN and train - heldout >= MEMORIZED_GAP and train - rephrased >= MEMORIZED_GAP
+    )
+    if flagged:
+        return True, (
+            f"overfit/memorized: {numbers}. The model recalls training answers by their exact "
+            "wording instead of doing the task; use fewer epochs, a lower learning rate or more data"
+        )
+    return False, f"no sign of memorization: {numbers}"
+
+
+def _heldout_conversations(cfg: Config) -> list[list[dict]]:
+    """Validation conversations (file or split), else the test split."""
+    from tunewise.data import _data_paths, load_conversations, split_validation
+
+    train_path, validation_path, _ = _data_paths(cfg.data)
+    if validation_path is not None:
+        return load_conversations(validation_path, cfg.data)[0]
+    if cfg.data.validation_split:
+        rows = load_conversations(train_path, cfg.data)[0]
+        return split_validation(rows, cfg.data.validation_split, cfg.data.seed)[1]
+    return test_conversations(cfg)
+
+
+def _train_conversations(cfg: Config) -> list[list[dict]]:
+    """Training conversations as the run trained on them (without a validation_split part)."""
+    from tunewise.data import _data_paths, load_conversations, split_validation
+
+    rows = load_conversations(_data_paths(cfg.data)[0], cfg.data)[0]
+    if cfg.data.validation is None and cfg.data.validation_split:
+        rows = split_validation(rows, cfg.data.validation_split, cfg.data.seed)[0]
+    return rows
+
+
+def check_memorization(cfg: Config, run_dir: Path, n: int = 20, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Generate for n training prompts, the same lightly rephrased, and n held-out prompts; compare.
+
+    Measures how often the replies reproduce the TRAINING responses (verbatim and near-verbatim, see
+    `NEAR_VERBATIM`), against the held-out accuracy measured the same way; flags memorization when
+    training prompts are reproduced far more often than both (`judge_memorization`). Writes
+    memorization.json into the run directory and returns its content.
+    """
+    started = time.time()
+    train = [c for c in _train_conversations(cfg) if any(m["role"] == "assistant" for m in c)][:n]
+    heldout = [c for c in _heldout_conversations(cfg) if any(m["role"] == "assistant" for m in c)][:n]
+    rephrased = [_rephrase_conversation(c) for c in train]
+    model, tokenizer = load_for_inference(cfg, run_dir)
+    outputs = {
+        name: generate(model, tokenizer, convs, max_new_tokens=max_new_tokens)
+        for name, convs in (("train", train), ("rephrased", rephrased), ("heldout", heldout))
+    }
+    sets = {
+        name: reproduction(outputs[name], [reference_of(c) for c in convs])
+        for name, convs in (("train", train), ("rephrased", rephrased), ("heldout", heldout))
+    }
+    flagged, message = judge_memorization(sets)
+    result = {
+        "flagged": flagged,
+        "verdict": "memorized" if flagged else "ok",
+        "message": message,
+        "threshold": NEAR_VERBATIM,
+        "sets": sets,
+        "seconds": round(time.time() - started, 1),
+        "examples": [
+            {
+                "prompt": _prompt_of(c)[-1]["content"],
+                "rephrased": _prompt_of(r)[-1]["content"],
+                "reference": reference_of(c),
+                "train_output": a,
+                "rephrased_output": b,
+            }
+            for c, r, a, b in list(
+                zip(train, rephrased, outputs["train"], outputs["rephrased"], strict=True)
+            )[:3]
+        ],
+    }
+    (Path(run_dir) / "memorization.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def prompt_conversations(cfg: Config, prompts: list[str]) -> list[list[dict]]:
+    """One user turn per prompt, after the configured system prompt when there is one."""
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    return [[*system, {"role": "user", "content": p}] for p in prompts]
+
+
+def conversations_from_file(cfg: Config, path: Path) -> list[list[dict]]:
+    """Prompts from a file: a data file (.jsonl/.json/.csv/.parquet, any supported format; the prompt is
+    each row up to its last assistant turn) or plain text with one prompt per line."""
+    from tunewise.data import DataError, load_conversations
+
+    if not path.is_file():
+        raise DataError(f"`{path}`: no such file; pass a text file with one prompt per line or a data file")
+    if path.suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        return [_prompt_of(c) for c in load_conversations(path, cfg.data)[0]]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompt_conversations(cfg, lines)

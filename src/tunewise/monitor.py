@@ -110,6 +110,11 @@ class StepMonitor(TrainerCallback):
         self.last_step_time = self.start = time.time()
         self.tokens_total = 0
 
+    @property
+    def trouble_began(self) -> int | None:
+        """The step where the climb to the divergence began (the divergence step when it came at once)."""
+        return None if self.diverged_at is None else self.watcher.trouble_began(self.diverged_at)
+
     # -- writing
     def _write(self, name: str, record: dict) -> None:
         if self.run_dir is not None and self.is_main:
@@ -131,8 +136,8 @@ class StepMonitor(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.trainer.step_record
-        if kwargs.get("lr_scheduler") is not None:
-            rec.learning_rate = kwargs["lr_scheduler"].get_last_lr()[0]  # the rate this update uses
+        if kwargs.get("optimizer") is not None:
+            rec.learning_rate = kwargs["optimizer"].param_groups[0]["lr"]  # the rate this update uses
         loss = float(rec.loss)
         if not (_finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm))):
             # Drop the gradients: optimizers skip parameters whose grad is None, so this step changes nothing.

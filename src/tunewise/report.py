@@ -13,6 +13,9 @@ import html
 import json
 import logging
 import math
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -301,6 +304,7 @@ def _cards(run: RunFiles) -> str:
         + "".join(
             f'<div class="card"><div class="label">{_e(k)}</div><div class="value">{_e(v)}</div></div>'
             for k, v in cards
+            if v not in ("—", "— / —")
         )
         + "</div>"
     )
@@ -423,6 +427,8 @@ def _samples(run: RunFiles) -> str:
 
 
 def _plan_and_check(run: RunFiles) -> str:
+    if not run.plan and not run.check:
+        return ""
     p, s = run.plan, run.plan.get("steps") or {}
     mem = p.get("memory") or {}
     measured = (run.records[0] if run.records else {}).get("memory_bytes")
@@ -461,6 +467,8 @@ def _plan_and_check(run: RunFiles) -> str:
 
 def _hardware_and_time(run: RunFiles) -> str:
     hw, r = run.plan.get("hardware") or {}, run.result
+    if not hw and not r and not run.records:
+        return ""
     steps = [x.get("step_time") for x in run.records if isinstance(x.get("step_time"), int | float)]
     rates = [x["tokens_per_s"] for x in run.records if isinstance(x.get("tokens_per_s"), int | float)]
     rows = [
@@ -652,3 +660,49 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
         + f"<footer>written by tunewise report · {generated:%Y-%m-%d %H:%M}</footer>"
         "</main></body></html>\n"
     )
+
+
+# ----------------------------------------------------------------------------- headless browser
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def _chromium(args: list[str], profile: Path, chromium: str | None) -> subprocess.CompletedProcess:
+    """Run headless Chromium with a throwaway profile and no network features."""
+    binary = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        raise FileNotFoundError("chromium is not installed; install it with `apt-get install -y chromium`")
+    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+def screenshot(
+    html_file: Path, png: Path, width: int = 1280, height: int = 2400, chromium: str | None = None
+) -> Path:
+    """Render an HTML file in headless Chromium and save a width x height PNG screenshot of it."""
+    with tempfile.TemporaryDirectory() as profile:
+        _chromium(
+            [
+                f"--screenshot={Path(png).resolve()}",
+                f"--window-size={width},{height}",
+                Path(html_file).resolve().as_uri(),
+            ],
+            Path(profile),
+            chromium,
+        )
+    return Path(png)
+
+
+def dump_dom(html_file: Path, chromium: str | None = None) -> str:
+    """The DOM of an HTML file after headless Chromium loaded it (what a browser really shows)."""
+    with tempfile.TemporaryDirectory() as profile:
+        return _chromium(["--dump-dom", Path(html_file).resolve().as_uri()], Path(profile), chromium).stdout

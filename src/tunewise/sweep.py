@@ -247,17 +247,27 @@ def _trial_env(workers: int) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
 
 
-def run_jobs(jobs: list[TrialJob], spec: SweepSpec) -> list[dict[str, Any]]:
-    """Run the jobs: `workers` at a time as local processes, or as Ray tasks."""
+def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], None],
+             on_done: Callable[[int, dict[str, Any]], None]) -> None:
+    """Run the jobs `workers` at a time as local processes, or as Ray tasks; report each as it ends."""
     if not jobs:
-        return []
+        return
     if spec.backend == "ray":
-        return _run_ray(jobs, spec.ray_address)
+        _run_ray(jobs, spec.ray_address, on_start, on_done)
+        return
+
+    def work(index: int) -> dict[str, Any]:
+        on_start(index)
+        return run_trial(jobs[index])  # this thread only waits on its own trial process
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
-        return list(pool.map(run_trial, jobs))  # each thread waits on its own trial process
+        futures = {pool.submit(work, i): i for i in range(len(jobs))}
+        for future in concurrent.futures.as_completed(futures):
+            on_done(futures[future], future.result())
 
 
-def _run_ray(jobs: list[TrialJob], address: str | None) -> list[dict[str, Any]]:
+def _run_ray(jobs: list[TrialJob], address: str | None, on_start: Callable[[int], None],
+             on_done: Callable[[int, dict[str, Any]], None]) -> None:
     """The same trial function as Ray tasks, on the cluster at `address` or a local Ray instance."""
     try:
         import ray
@@ -266,7 +276,13 @@ def _run_ray(jobs: list[TrialJob], address: str | None) -> list[dict[str, Any]]:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     task = ray.remote(num_cpus=1)(run_trial)
-    return ray.get([task.remote(job) for job in jobs])
+    pending = {}
+    for i, job in enumerate(jobs):
+        pending[task.remote(job)] = i
+        on_start(i)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        on_done(pending.pop(done[0]), ray.get(done[0]))
 
 
 # ----------------------------------------------------------------------------- reading a trial back
@@ -367,20 +383,25 @@ def advance(spec: SweepSpec, trials: list[Trial], target: int, eval_every: int,
 
     Returns the number of trial processes launched.
     """
-    todo = [t for t in trials if t.status not in FINAL_STATUSES and not (t.status == "stopped" and
-                                                                        t.global_step >= target)]
+    todo = [t for t in trials
+            if t.status not in FINAL_STATUSES and not (t.status == "stopped" and t.global_step >= target)]
     jobs = []
     for trial in todo:
         resume = _prepare_rerun(trial) if trial.run_dir.exists() else False
         command = trial_command(spec, trial, eval_every, target, resume)
         jobs.append(TrialJob(command, str(trial.run_dir), _trial_env(spec.workers)))
+
+    def started(index: int) -> None:
         if on_trial:
-            on_trial("start", trial)
-    for trial, outcome in zip(todo, run_jobs(jobs, spec), strict=True):
-        _record_invocation(trial, outcome)
-        refresh_trial(trial)
+            on_trial("start", todo[index])
+
+    def done(index: int, outcome: dict[str, Any]) -> None:
+        _record_invocation(todo[index], outcome)
+        refresh_trial(todo[index])
         if on_trial:
-            on_trial("end", trial)
+            on_trial("end", todo[index])
+
+    run_jobs(jobs, spec, started, done)
     return len(jobs)
 
 
@@ -528,9 +549,11 @@ def plot_heatmap(trials: list[Trial], grid: dict[str, list[str]], path: Path) ->
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_values), 1.2 + 0.9 * len(row_values)))
     image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
+    finite = [x for row in cells for x in row if not math.isnan(x)] or [0.0]
     for r, row in enumerate(labels):
         for c, text in enumerate(row):
-            color = "black" if math.isnan(cells[r][c]) else "white"
+            dark = not math.isnan(cells[r][c]) and cells[r][c] > (min(finite) + max(finite)) / 2
+            color = "white" if dark else "black"  # viridis_r: high losses are dark
             ax.text(c, r, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(col_values)), col_values)
     ax.set_yticks(range(len(row_values)), row_values)
@@ -654,11 +677,14 @@ def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float]
     """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
     from transformers import TrainerCallback
 
+    steps: set[int] = set()
+
     class RangeRecorder(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                    **kwargs: Any) -> None:
-            if not logs or "loss" not in logs or "learning_rate" not in logs:
-                return
+            if not logs or "loss" not in logs or "learning_rate" not in logs or state.global_step in steps:
+                return  # the Trainer can log one step twice (at an epoch's end)
+            steps.add(state.global_step)
             lrs.append(float(logs["learning_rate"]))
             losses.append(float(logs["loss"]))
             smoothed[:] = smooth(losses)

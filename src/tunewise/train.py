@@ -310,7 +310,8 @@ def _train_attempts(
                 {**summary, "diverged_at": monitor.diverged_at, "recovery_changes": changes},
             )
         fix = _recovery_fix(cfg, attempt)
-        good = latest_checkpoint(run_dir, before=monitor.diverged_at)
+        # Checkpoint N holds the weights that gave step N+1's loss: keep only those from before the climb.
+        good = latest_checkpoint(run_dir, before=monitor.trouble_began - 1)
         checkpoint = str(good) if good else None
         _drop_checkpoints_after(run_dir, good)
         cfg = _apply_change(cfg, fix.change)
@@ -364,12 +365,13 @@ class _LearningRateReset:
                 for group, fn in zip(opt.param_groups, getattr(sched, "lr_lambdas", []), strict=False):
                     group["initial_lr"] = learning_rate
                     group["lr"] = learning_rate * fn(sched.last_epoch)
+                sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
 
         return Reset()
 
 
 def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hooks: TrainHooks) -> Finding:
-    where = f"from {good.name}" if good else "from the initial weights (no checkpoint before the divergence)"
+    where = f"from {good.name}" if good else "from the initial weights (no checkpoint from before the loss went bad)"
     finding = Finding(
         step=step,
         severity="info",

@@ -1,0 +1,57 @@
+"""The learning-rate range test: the rules on known curves, and a real run of the tiny model via the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import tiny_overrides
+
+from tunewise import cli
+from tunewise.sweep import LR_FIND_NOTE, parse_grid, smooth, suggest_lr
+
+
+def _ramp(n: int = 60, start: float = 1e-6, end: float = 1.0) -> list[float]:
+    return [start * (end / start) ** (i / (n - 1)) for i in range(n)]
+
+
+def test_clear_valley_gives_a_tenth_of_the_minimum_without_caution():
+    lrs = _ramp()
+    # falls fastest around 1e-3, bottoms out near 1e-2, then blows up
+    losses = [2.0 - 1.5 / (1 + math.exp(-2.5 * (math.log10(lr) + 3))) + (30 * lr) ** 2 for lr in lrs]
+    minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smooth(losses))
+    assert caution is None, caution
+    assert 3e-3 < minimum < 3e-2
+    assert suggestion == pytest.approx(minimum / 10)
+    assert 1e-4 < steepest < 1e-2
+    assert "valley" in rule and "steepest" in rule
+
+
+def test_flat_curve_gets_a_caution_naming_the_problem():
+    lrs = _ramp()
+    minimum, _, suggestion, _, caution = suggest_lr(lrs, smooth([2.0 + 0.001 * (i % 3) for i in range(60)]))
+    assert caution and "fell only" in caution and LR_FIND_NOTE in caution
+    assert lrs[0] <= suggestion <= lrs[-1]
+
+
+def test_lr_find_on_the_tiny_model_plots_and_hands_off_a_grid(tiny_model_dir, small_data, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs",
+                               {"training.gradient_accumulation_steps": 1, "name": "tiny"})
+    assert cli.main(["lr-find", *overrides, "--start", "1e-5", "--end", "10", "--steps", "40"]) == 0
+    out = capsys.readouterr().out
+    out_dir = tmp_path / "runs" / "lr-find-tiny"
+    assert (out_dir / "lr_find.png").stat().st_size > 0
+    data = json.loads((out_dir / "lr_find.json").read_text())
+    lrs = data["lrs"]
+    assert 5 <= len(lrs) <= 40 and lrs[0] == pytest.approx(1e-5)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # exponential ramp
+    assert 1e-5 <= data["suggestion"] <= 10
+    assert len(data["smoothed"]) == len(data["losses"]) == len(lrs)
+    grid = parse_grid([data["sweep_grid"]])["training.learning_rate"]
+    assert [float(v) for v in grid] == pytest.approx([data["suggestion"] * m for m in (0.5, 1, 2)], rel=0.05)
+    assert "suggested: training.learning_rate=" in out and f"--grid {data['sweep_grid']}" in out
+    assert "caution:" in out or "note:" in out

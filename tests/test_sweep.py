@@ -1,0 +1,163 @@
+"""Sweeps on the tiny model: a real grid through the CLI, successive halving with a diverging trial,
+resuming without re-running, and the Ray backend with a crashing trial."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, tiny_overrides
+
+from tunewise import cli
+from tunewise.config import ConfigError, load_config
+from tunewise.sweep import (
+    SweepSpec,
+    Trial,
+    halving_rungs,
+    parse_grid,
+    plan_trials,
+    rank_trials,
+    run_sweep,
+    split_values,
+    validate_sweep,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # trial processes inherit it
+
+
+def _base(model_dir: Path, data: dict[str, Path], tmp_path: Path, extra: dict | None = None) -> list[str]:
+    # alpha 1e5 makes a large learning rate diverge for real on the tiny model
+    more = {"adapter.alpha": 100000, "training.gradient_accumulation_steps": 1, **(extra or {})}
+    return tiny_overrides(model_dir, data, tmp_path / "runs", more)
+
+
+def _mtimes(sweep_dir: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in sweep_dir.glob("trial-*/result.json")}
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_grid_values_split_outside_brackets():
+    assert split_values("[q_proj,v_proj],all-linear") == ["[q_proj,v_proj]", "all-linear"]
+    assert parse_grid(["training.learning_rate=1e-4,2e-4", "adapter.r=8"]) == {
+        "training.learning_rate": ["1e-4", "2e-4"], "adapter.r": ["8"]}
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["training.learning_rate"])
+
+
+def test_rungs_divide_the_budget_by_eta():
+    assert halving_rungs(27, 9, 3) == [3, 9, 27]
+    assert halving_rungs(100, 9, 3) == [11, 33, 100]
+    assert halving_rungs(9, 3, 3) == [3, 9]
+    assert halving_rungs(9, 2, 3) == [9]
+
+
+def test_bad_grid_key_is_a_config_error_before_anything_runs(tmp_path):
+    spec = SweepSpec(overrides=[f"output_dir={tmp_path}"], grid={"training.learnin_rate": ["1e-4", "2e-4"]})
+    with pytest.raises(ConfigError) as info:
+        validate_sweep(spec, plan_trials(spec, tmp_path))
+    assert "trial-00" in str(info.value) and "learning_rate" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_ranking_uses_the_last_common_eval_step_and_puts_failures_last(tmp_path):
+    def trial(i: int, status: str, evals: dict[int, float]) -> Trial:
+        return Trial(i, {"k": str(i)}, tmp_path / f"trial-{i:02d}", status=status, evals=evals)
+
+    trials = [trial(0, "completed", {3: 2.0, 6: 1.5}), trial(1, "diverged", {3: 1.0}),
+              trial(2, "completed", {3: 2.5, 6: 1.2}), trial(3, "stopped", {3: 1.1})]
+    ranked, step = rank_trials(trials, "grid", [6])
+    assert step == 3  # trial 3 stopped at step 3: the last step every survivor reached
+    assert [t.index for t in ranked] == [3, 0, 2, 1]
+    ranked, step = rank_trials(trials, "halving", [3, 6])
+    assert step == 6 and [t.index for t in ranked] == [2, 0, 3, 1]  # the furthest rung first
+
+
+# ----------------------------------------------------------------------------- real sweeps
+
+
+def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, small_data, tmp_path, capsys):
+    base = _base(tiny_model_dir, small_data, tmp_path)
+    argv = ["sweep", *base, "--grid", "training.learning_rate=1e-3,2e-2,0.5", "--max-steps", "6", "--name", "g"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    sweep_dir = tmp_path / "runs" / "sweep-g"
+    data = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = data["trials"]
+    by_lr = {t["params"]["training.learning_rate"]: t for t in trials}
+    assert by_lr["1e-3"]["status"] == by_lr["2e-2"]["status"] == "completed"
+    diverged = by_lr["0.5"]
+    assert diverged["status"] == "diverged" and diverged["verdict"] == "diverged"
+    assert diverged["finding"] and diverged["val_loss"] is None
+    assert trials[-1]["name"] == diverged["name"]
+    assert data["compare_step"] == 6
+    losses = [t["val_loss"] for t in trials[:2]]
+    assert losses == sorted(losses)
+    assert data["winner"]["name"] == trials[0]["name"]
+    assert data["winner"]["val_loss"] == min(t["evals"]["6"] for t in trials if t["status"] == "completed")
+    assert data["total_steps"] == 6 + 6 + diverged["global_step"]
+    assert "<- winner" in out and "diverged" in out
+    for name in ["sweep.json", "heatmap.png", "curves.png", "best.yaml"]:
+        assert (sweep_dir / name).stat().st_size > 0, name
+    best = load_config(sweep_dir / "best.yaml")
+    assert best.training["learning_rate"] == float(data["winner"]["params"]["training.learning_rate"])
+    assert best.name == "sweep-g-best" and "max_steps" in best.training  # from the base overrides
+
+    before = _mtimes(sweep_dir)
+    assert len(before) == 3
+    assert cli.main(argv) == 0
+    assert "nothing was run again" in capsys.readouterr().out
+    assert _mtimes(sweep_dir) == before
+    assert json.loads((sweep_dir / "sweep.json").read_text())["launched"] == 0
+
+
+def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_model_dir, small_data, tmp_path):
+    extra = {"training.lr_scheduler_type": "constant", "training.warmup_steps": 0}
+    spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, extra),
+                     grid={"training.learning_rate": ["1e-3", "2e-2", "0.99"]}, max_steps=9,
+                     strategy="halving", workers=2, name="h")
+    result = run_sweep(spec)
+    assert result.rungs == [3, 9]
+    by_lr = {t.params["training.learning_rate"]: t for t in result.trials}
+    diverged = by_lr["0.99"]
+    assert diverged.status == "diverged" and diverged.global_step < 3  # stopped at once, before the rung
+    winner, pruned = result.trials[0], result.trials[1]
+    assert winner is result.winner and winner.status == "completed" and winner.global_step == 9
+    assert pruned.status == "stopped" and pruned.pruned_at == 3 and pruned.global_step == 3
+    assert winner.evals[3] <= pruned.evals[3]  # the best at the rung was promoted
+    assert winner.val_loss == winner.evals[9] and winner.rank_step == 9
+    steps = [r["step"] for r in read_jsonl(winner.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == list(range(1, 10))  # paused at 3, resumed from checkpoint-3: no step twice
+    log = (winner.run_dir / "trial.log").read_text()
+    assert "--stop-at-step=3" in log and "--resume" in log
+    assert result.total_steps == 9 + 3 + diverged.global_step
+    assert result.total_steps < len(result.trials) * spec.max_steps  # what the grid would spend
+    assert result.launched == 4
+
+    before = _mtimes(result.sweep_dir)
+    again = run_sweep(spec)
+    assert again.launched == 0 and _mtimes(result.sweep_dir) == before
+    assert again.winner.name == winner.name
+
+
+def test_ray_backend_runs_trials_and_records_a_crash(tiny_model_dir, small_data, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, {"adapter.alpha": 16}),
+                         grid={"adapter.target_modules": ["all-linear", "[nope_proj]"]}, max_steps=2,
+                         backend="ray", name="ray")
+        result = run_sweep(spec)
+    finally:
+        ray.shutdown()
+    ok, crashed = result.trials
+    assert ok.status == "completed" and ok.params["adapter.target_modules"] == "all-linear"
+    assert math.isfinite(ok.val_loss)
+    assert crashed.status == "failed" and "nope_proj" in (crashed.error or "")
+    assert result.winner is ok and result.launched == 2
