@@ -42,8 +42,15 @@ def test_defaults_are_the_lessons():
 def test_every_training_arguments_field_is_accepted_by_its_own_name():
     names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
     data = {"training": {}}
-    cfg = load_config(None, ["training.adam_beta2=0.95", "training.neftune_noise_alpha=5",
-                             "training.lr_scheduler_kwargs={}", "training.data_seed=3"])
+    cfg = load_config(
+        None,
+        [
+            "training.adam_beta2=0.95",
+            "training.neftune_noise_alpha=5",
+            "training.lr_scheduler_kwargs={}",
+            "training.data_seed=3",
+        ],
+    )
     assert cfg.training["adam_beta2"] == 0.95 and cfg.training["neftune_noise_alpha"] == 5
     assert len(names) > 100 and data  # the whole installed set is the vocabulary
     from tunewise.config import _training_fields
@@ -57,8 +64,11 @@ def test_misspelled_key_names_file_line_and_suggestion(tmp_path):
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    msg = _error(tmp_path, "model:\n  method: lorra\nadapter:\n  rank: 8\n  dropout: 1.5\n"
-                           "training:\n  num_train_epochs: many\n", ["data.train_onn=all"])
+    msg = _error(
+        tmp_path,
+        "model:\n  method: lorra\nadapter:\n  rank: 8\n  dropout: 1.5\ntraining:\n  num_train_epochs: many\n",
+        ["data.train_onn=all"],
+    )
     assert "5 problem(s)" in msg
     assert "run.yaml:2: `model.method`" in msg and "'qlora'" in msg
     assert "adapter.rank" in msg and "did you mean `r`" in msg
@@ -74,9 +84,16 @@ def test_unknown_section_and_bad_yaml(tmp_path):
 
 
 def test_overrides_parse_values_and_legacy_names_map_with_notices():
-    cfg = load_config(None, ["training.learning_rate=1e-4", "adapter.target_modules=[q_proj,v_proj]",
-                             "training.warmup_ratio=0.1", "training.evaluation_strategy=epoch",
-                             "training.max_seq_length=256"])
+    cfg = load_config(
+        None,
+        [
+            "training.learning_rate=1e-4",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "training.warmup_ratio=0.1",
+            "training.evaluation_strategy=epoch",
+            "training.max_seq_length=256",
+        ],
+    )
     assert cfg.training["learning_rate"] == 1e-4 and cfg.adapter.target_modules == ["q_proj", "v_proj"]
     assert cfg.training["warmup_steps"] == 0.1 and cfg.training["eval_strategy"] == "epoch"
     assert cfg.data.max_seq_length == 256
@@ -103,8 +120,11 @@ def test_init_writes_every_default_with_comments_and_it_loads(tmp_path):
 
 
 def shipped_yamls() -> list[Path]:
-    return sorted(p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and "runs" not in p.parts
-                  and ".cache" not in p.parts)
+    return sorted(
+        p
+        for p in REPO.rglob("*.yaml")
+        if ".venv" not in p.parts and "runs" not in p.parts and ".cache" not in p.parts
+    )
 
 
 @pytest.mark.parametrize("path", shipped_yamls(), ids=lambda p: str(p.relative_to(REPO)))
@@ -115,8 +135,9 @@ def test_every_shipped_yaml_loads_and_validates(path):
 def test_cli_user_error_exits_2_with_one_message_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learing_rate: 1e-4\n")
-    proc = subprocess.run([sys.executable, "-m", "tunewise.cli", "plan", str(bad)], capture_output=True,
-                          text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunewise.cli", "plan", str(bad)], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "bad.yaml:2" in proc.stderr and "learning_rate" in proc.stderr
 
@@ -126,6 +147,7 @@ def test_help_explains_every_command():
     assert proc.returncode == 0
     for command in ["init", "plan", "check", "inspect", "train", "doctor", "eval", "demo"]:
         assert command in proc.stdout
-        sub = subprocess.run([sys.executable, "-m", "tunewise.cli", command, "--help"], capture_output=True,
-                             text=True)
+        sub = subprocess.run(
+            [sys.executable, "-m", "tunewise.cli", command, "--help"], capture_output=True, text=True
+        )
         assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 3, command

@@ -27,7 +27,9 @@ def test_embedded_model_is_fetched_converted_and_cached():
     assert "quantization_config" not in config  # de-quantized once; later loads read safetensors
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(load_config(None))
-    assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False
+    )
 
 
 def test_qlora_loads_the_real_model_in_4bit_and_gets_gradients():
@@ -52,10 +54,18 @@ def test_qlora_loads_the_real_model_in_4bit_and_gets_gradients():
 def test_lora_trains_the_real_model_for_two_steps(tmp_path):
     data = write_subset(tmp_path / "data", n_train=8, n_val=4, n_test=2)
     overrides = [
-        "model.method=lora", f"output_dir={tmp_path / 'runs'}", "name=real", f"data.train={data['train']}",
-        f"data.validation={data['validation']}", "training.max_steps=2", "training.per_device_train_batch_size=2",
-        "training.gradient_accumulation_steps=2", "training.eval_steps=2", "training.save_steps=2",
-        "training.gradient_checkpointing=false", "training.optim=adamw_torch",
+        "model.method=lora",
+        f"output_dir={tmp_path / 'runs'}",
+        "name=real",
+        f"data.train={data['train']}",
+        f"data.validation={data['validation']}",
+        "training.max_steps=2",
+        "training.per_device_train_batch_size=2",
+        "training.gradient_accumulation_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.gradient_checkpointing=false",
+        "training.optim=adamw_torch",
     ]
     result = train(load_config(None, overrides))
     assert result.status == "completed" and result.global_step == 2

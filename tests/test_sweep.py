@@ -84,7 +84,8 @@ def test_ranking_uses_the_last_common_eval_step_and_puts_failures_last(tmp_path)
 
 def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, small_data, tmp_path, capsys):
     base = _base(tiny_model_dir, small_data, tmp_path)
-    argv = ["sweep", *base, "--grid", "training.learning_rate=1e-3,2e-2,0.5", "--max-steps", "6", "--name", "g"]
+    argv = ["sweep", *base, "--grid", "training.learning_rate=1e-3,2e-2,0.5", "--max-steps", "6",
+            "--name", "g"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     sweep_dir = tmp_path / "runs" / "sweep-g"
@@ -117,7 +118,8 @@ def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, small_d
     assert json.loads((sweep_dir / "sweep.json").read_text())["launched"] == 0
 
 
-def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_model_dir, small_data, tmp_path):
+def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_model_dir, small_data,
+                                                                            tmp_path):
     extra = {"training.lr_scheduler_type": "constant", "training.warmup_steps": 0}
     spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, extra),
                      grid={"training.learning_rate": ["1e-3", "2e-2", "0.99"]}, max_steps=9,

@@ -36,8 +36,12 @@ def _complete(run_dir: Path, saved: str) -> None:
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_each_method_trains_and_writes_the_run_directory(method, tiny_model_dir, small_data, tmp_path):
-    cfg = load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"model.method": method,
-                                                                                          "name": method}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, small_data, tmp_path / "runs", {"model.method": method, "name": method}
+        ),
+    )
     result = train(cfg)
     assert result.status == "completed", result.error
     assert result.global_step == 6
@@ -48,12 +52,16 @@ def test_each_method_trains_and_writes_the_run_directory(method, tiny_model_dir,
     if method == "full":
         before = load_file(tiny_model_dir / "model.safetensors")
         after = load_file(run_dir / "model" / "model.safetensors")
-        changed = [k for k in before if k in after and not torch.equal(before[k], after[k].to(before[k].dtype))]
+        changed = [
+            k for k in before if k in after and not torch.equal(before[k], after[k].to(before[k].dtype))
+        ]
         assert len(changed) >= len(before) // 2, "full fine-tuning left most weights untouched"
     else:
         adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
         lora_b = [v for k, v in adapter.items() if "lora_B" in k]
-        assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B matrices are still zero: no training"
+        assert lora_b and all(v.abs().sum() > 0 for v in lora_b), (
+            "LoRA B matrices are still zero: no training"
+        )
 
 
 def test_gradient_checkpointing_with_adapter_gets_gradients(tiny_model_dir, small_data, tmp_path):
@@ -67,7 +75,9 @@ def test_gradient_checkpointing_with_adapter_gets_gradients(tiny_model_dir, smal
 def test_resume_restores_step_count_and_schedule(tiny_model_dir, small_data, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "whole"})
     whole = train(load_config(None, overrides))
-    lrs_whole = {r["step"]: r["learning_rate"] for r in read_jsonl(whole.run_dir / "metrics.jsonl") if "loss" in r}
+    lrs_whole = {
+        r["step"]: r["learning_rate"] for r in read_jsonl(whole.run_dir / "metrics.jsonl") if "loss" in r
+    }
 
     def stop_after_checkpoint(record: dict) -> None:
         if record["step"] == 4:  # checkpoint-3 exists by now
@@ -89,8 +99,15 @@ def test_resume_restores_step_count_and_schedule(tiny_model_dir, small_data, tmp
 
 def test_checkpoint_retention_keeps_best_and_newest(tiny_model_dir, small_data, tmp_path):
     # greater_is_better on a falling loss makes the FIRST checkpoint the best one: it must survive limit 1
-    extra = {"name": "keep", "training.max_steps": 8, "training.eval_steps": 2, "training.save_steps": 2,
-             "training.save_total_limit": 1, "training.greater_is_better": True, "training.learning_rate": 1e-2}
+    extra = {
+        "name": "keep",
+        "training.max_steps": 8,
+        "training.eval_steps": 2,
+        "training.save_steps": 2,
+        "training.save_total_limit": 1,
+        "training.greater_is_better": True,
+        "training.learning_rate": 1e-2,
+    }
     result = train(load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", extra)))
     kept = sorted(p.name for p in result.run_dir.glob("checkpoint-*"))
     best = result.numbers["best_checkpoint"]
@@ -104,7 +121,9 @@ def test_lesson_style_config_with_old_names_runs(tiny_model_dir, small_data, tmp
         "training:\n  warmup_ratio: 0.1\n  evaluation_strategy: steps\n  num_train_epochs: 1\n"
         "  learning_rate: 2e-4\n  logging_dir: ./logs\n"
     )
-    cfg = load_config(config, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "lesson"}))
+    cfg = load_config(
+        config, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "lesson"})
+    )
     assert cfg.training["warmup_steps"] == 0.1 and cfg.training["eval_strategy"] == "steps"
     assert cfg.training["learning_rate"] == 2e-4  # YAML reads 2e-4 as text; it is still a number
     assert any("warmup_ratio" in n and "warmup_steps" in n for n in cfg.notices)
@@ -116,8 +135,15 @@ def test_lesson_style_config_with_old_names_runs(tiny_model_dir, small_data, tmp
 
 
 def test_nan_is_logged_as_nan_not_zero(tiny_model_dir, small_data, tmp_path):
-    extra = {"name": "nan", "training.learning_rate": 0.9, "training.max_grad_norm": 0, "training.max_steps": 12,
-             "training.optim": "sgd", "training.warmup_steps": 0, "training.lr_scheduler_type": "constant"}
+    extra = {
+        "name": "nan",
+        "training.learning_rate": 0.9,
+        "training.max_grad_norm": 0,
+        "training.max_steps": 12,
+        "training.optim": "sgd",
+        "training.warmup_steps": 0,
+        "training.lr_scheduler_type": "constant",
+    }
     cfg = load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", extra))
     cfg.training["learning_rate"] = 5e4  # past what validation allows: the point is to diverge
     result = train(cfg)
@@ -132,8 +158,13 @@ def test_nan_is_logged_as_nan_not_zero(tiny_model_dir, small_data, tmp_path):
 def test_two_process_ddp_on_cpu(tiny_model_dir, small_data, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "ddp"})
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tunewise.cli", "train", "--nproc", "2", "--force", *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunewise.cli", "train", "--nproc", "2", "--force", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddp"
     plan = json.loads((run_dir / "plan.json").read_text())

@@ -86,6 +86,10 @@ def _print_plan(plan: dict) -> None:
         f"saves: {plan['saves']}; "
         f"learning rate {_fmt(plan['learning_rate'])} ({plan['method']})"
     )
+    hw = plan.get("hardware")
+    if hw:
+        _say(f"  hardware: {hw['device']} ({hw['device_name']}), precision {hw['precision']}, "
+             f"optimizer {hw['optim']}")
     mem = plan.get("memory")
     if mem:
         gib = 1024**3
@@ -195,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     progress = Progress(args.quiet)
     hooks = TrainHooks(
+        on_plan=_print_plan,
         on_notice=lambda n: _say(f"notice: {n}", style="yellow"),
         on_finding=_print_finding,
         on_step=progress.step,

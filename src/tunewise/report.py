@@ -394,10 +394,10 @@ def _memorization(run: RunFiles) -> str:
         for k, label in labels.items()
     ]
     color = BADGE_COLORS["warning" if m.get("flagged") else "healthy"]
-    flag = "memorized" if m.get("flagged") else "no sign of memorization"
+    flag = "memorized" if m.get("flagged") else "not memorized"
+    message = str(m.get("message", "")).split(": ", 1)[-1]  # its lead words repeat the pill
     body = (
-        f'<p><span class="pill" style="background:{color};color:white">{flag}</span> '
-        f"{_e(m.get('message', ''))}</p>"
+        f'<p><span class="pill" style="background:{color};color:white">{flag}</span> {_e(message)}</p>'
         + _table(
             rows,
             ("prompts", f"near-verbatim (similarity ≥ {_e(m.get('threshold', 0.9))})", "verbatim"),

@@ -677,14 +677,11 @@ def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float]
     """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
     from transformers import TrainerCallback
 
-    steps: set[int] = set()
-
     class RangeRecorder(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                    **kwargs: Any) -> None:
-            if not logs or "loss" not in logs or "learning_rate" not in logs or state.global_step in steps:
-                return  # the Trainer can log one step twice (at an epoch's end)
-            steps.add(state.global_step)
+            if not logs or "loss" not in logs or "learning_rate" not in logs:
+                return
             lrs.append(float(logs["learning_rate"]))
             losses.append(float(logs["loss"]))
             smoothed[:] = smooth(losses)
@@ -693,7 +690,8 @@ def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float]
                 reason.append(f"the loss became non-finite at lr {lrs[-1]:.2g}")
             elif len(smoothed) > 3 and smoothed[-1] > DIVERGE_FACTOR * best:
                 reason.append(f"the smoothed loss passed {DIVERGE_FACTOR:g}x its minimum at lr {lrs[-1]:.2g}")
-            control.should_training_stop = bool(reason)
+            if reason:  # never clear the flag: the Trainer sets it at max_steps
+                control.should_training_stop = True
 
     return RangeRecorder()
 

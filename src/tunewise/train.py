@@ -34,6 +34,7 @@ class TrainHooks:
     on_finding: Callable[[Finding], None] | None = None
     on_step: Callable[[dict], None] | None = None
     on_start: Callable[[dict], None] | None = None
+    on_plan: Callable[[dict], None] | None = None  # the plan (steps, hardware, memory) before training
     stop_at_step: int | None = None  # pause after this step's eval and checkpoint (sweep rungs)
 
 
@@ -233,7 +234,9 @@ def train(
         bundle = build_datasets(cfg.data, tokenizer, keep_untrained=force)
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-            _write_plan(cfg, run_dir, hw, bundle)
+            plan = _write_plan(cfg, run_dir, hw, bundle)
+            if hooks.on_plan:
+                hooks.on_plan(plan)
         for note in [*cfg.notices, *hw.notes]:
             if hooks.on_notice and main:
                 hooks.on_notice(note)
@@ -251,7 +254,7 @@ def train(
     return result
 
 
-def _write_plan(cfg: Config, run_dir: Path, hw: Any, bundle: Any) -> None:
+def _write_plan(cfg: Config, run_dir: Path, hw: Any, bundle: Any) -> dict:
     from tunewise.plan import plan_run
 
     plan = plan_run(
@@ -264,6 +267,7 @@ def _write_plan(cfg: Config, run_dir: Path, hw: Any, bundle: Any) -> None:
     )
     plan["data"] = bundle.stats.to_dict()
     write_json(run_dir / "plan.json", plan)
+    return plan
 
 
 def _train_attempts(
