@@ -11,7 +11,7 @@ import pytest
 from transformers import TrainingArguments
 
 from tunewise.cli import main
-from tunewise.config import ConfigError, load_config, starter_config_text
+from tunewise.config import ConfigError, load_config
 
 REPO = Path(__file__).parent.parent
 

@@ -9,17 +9,26 @@ import pytest
 from conftest import tiny_overrides
 
 from tunewise import cli
-from tunewise.sweep import LR_FIND_NOTE, parse_grid, smooth, suggest_lr
+from tunewise.sweep import LR_FIND_NOTE, parse_grid, smooth, stop_reason, suggest_lr
 
 
-def _ramp(n: int = 60, start: float = 1e-6, end: float = 1.0) -> list[float]:
+def _ramp(n: int = 100, start: float = 1e-6, end: float = 1.0) -> list[float]:
     return [start * (end / start) ** (i / (n - 1)) for i in range(n)]
 
 
+def _run(lrs: list[float], losses: list[float]) -> tuple[list[float], list[float]]:
+    """The points a range test records before its stop rule fires."""
+    for n in range(1, len(lrs) + 1):
+        if stop_reason(lrs[:n], losses[:n]):
+            return lrs[:n], losses[:n]
+    return lrs, losses
+
+
 def test_clear_valley_gives_a_tenth_of_the_minimum_without_caution():
-    lrs = _ramp()
     # falls fastest around 1e-3, bottoms out near 1e-2, then blows up
-    losses = [2.0 - 1.5 / (1 + math.exp(-2.5 * (math.log10(lr) + 3))) + (30 * lr) ** 2 for lr in lrs]
+    curve = [2.0 - 1.5 / (1 + math.exp(-2.5 * (math.log10(lr) + 3))) + (30 * lr) ** 2 for lr in _ramp()]
+    lrs, losses = _run(_ramp(), curve)
+    assert len(lrs) < 100  # the stop rule fired
     minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smooth(losses))
     assert caution is None, caution
     assert 3e-3 < minimum < 3e-2
@@ -30,7 +39,7 @@ def test_clear_valley_gives_a_tenth_of_the_minimum_without_caution():
 
 def test_flat_curve_gets_a_caution_naming_the_problem():
     lrs = _ramp()
-    minimum, _, suggestion, _, caution = suggest_lr(lrs, smooth([2.0 + 0.001 * (i % 3) for i in range(60)]))
+    minimum, _, suggestion, _, caution = suggest_lr(lrs, smooth([2.0 + 0.001 * (i % 3) for i in range(100)]))
     assert caution and "fell only" in caution and LR_FIND_NOTE in caution
     assert lrs[0] <= suggestion <= lrs[-1]
 

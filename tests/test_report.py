@@ -16,9 +16,16 @@ from conftest import FIXTURES, tiny_overrides, write_subset
 from tunewise.report import dump_dom, screenshot, write_report
 
 STATES = FIXTURES / "trainer_states"
-needs_chromium = pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="chromium is not installed (apt-get install -y chromium)"
-)
+def needs_chromium(test):
+    """CI installs Chromium (.ci/run): a missing browser is a failure, never a skip."""
+
+    def run(*args, **kwargs):
+        assert shutil.which("chromium"), "chromium is not installed: apt-get install -y chromium (.ci/run does)"
+        return test(*args, **kwargs)
+
+    import functools
+
+    return functools.wraps(test)(run)
 
 
 @pytest.fixture(scope="module")

@@ -195,8 +195,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_distributed(args, cfg)
     if args.resume and not cfg.name:
         cfg.name = _latest_run_name(Path(cfg.output_dir))
-    if not args.force and not os.environ.get("TUNEWISE_CHILD") and not _preflight(cfg, args):
-        return 1
+    check = None
+    if not os.environ.get("TUNEWISE_CHILD"):
+        report = _preflight(cfg)
+        check = report.to_dict()
+        if report.failed and not args.force:
+            _say("refusing to train: the check has FAIL items (fix them, or pass --force to train anyway)",
+                 style="bold red")
+            return 1
     progress = Progress(args.quiet)
     hooks = TrainHooks(
         on_plan=_print_plan,
@@ -207,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_at_step=args.stop_at_step,
     )
     try:
-        result = train(cfg, resume=args.resume, hooks=hooks, force=args.force)
+        result = train(cfg, resume=args.resume, hooks=hooks, force=args.force, check=check)
     finally:
         progress.end()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -225,19 +231,13 @@ def _latest_run_name(output_dir: Path) -> str:
     return runs[-1].name
 
 
-def _preflight(cfg: Any, args: argparse.Namespace) -> bool:
-    """Run the pre-flight check; False (refuse to train) on a FAIL."""
+def _preflight(cfg: Any) -> Any:
+    """Run the pre-flight check and print what is not PASS."""
     from tunewise.check import run_check
 
     report = run_check(cfg)
     _print_check(report, brief=True)
-    if report.failed:
-        _say(
-            "refusing to train: the check has FAIL items (fix them, or pass --force to train anyway)",
-            style="bold red",
-        )
-        return False
-    return True
+    return report
 
 
 def _print_result(result: Any) -> None:

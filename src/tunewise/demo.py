@@ -57,7 +57,7 @@ def run_demo(
         on_start=progress.begin,
     )
     try:
-        result = train(cfg, hooks=hooks)
+        result = train(cfg, hooks=hooks, check=report.to_dict())
     finally:
         progress.end()
     losses = _losses(result.run_dir)

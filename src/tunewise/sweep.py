@@ -589,8 +589,9 @@ def plot_curves(trials: list[Trial], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- lr-find
 
-SMOOTHING = 0.9  # EMA factor: ~10 steps of memory; fastai's 0.98 lags by ~50 steps on a 100-step ramp
+SMOOTHING = 0.9  # EMA factor, ~10 steps of memory (fastai's 0.98 remembers ~50: half of a 100-step ramp)
 DIVERGE_FACTOR = 4.0
+MAX_SUGGESTION = 0.1  # keeps the x2 grid point below 1, which the config refuses
 LR_FIND_NOTE = ("learning-rate range tests are known to mislead on transformers and LoRA: the ramp is short, "
                 "starts from one initialization, has no warmup, and Adam's early steps and small noisy "
                 "batches move the curve; read lr_find.png and confirm with `tunewise sweep`")
@@ -629,13 +630,23 @@ class LRFindResult:
         return data
 
 
-def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
-    """Bias-corrected exponential moving average; a non-finite loss makes the rest non-finite."""
+def ema(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (causal: what the stop rule can see while running)."""
     avg, out = 0.0, []
     for i, loss in enumerate(losses, start=1):
         avg = beta * avg + (1 - beta) * loss
         out.append(avg / (1 - beta**i))
     return out
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """The EMA run forward then backward: as smooth, without the EMA's lag toward higher rates.
+
+    Points from the first non-finite loss on stay NaN.
+    """
+    n = next((i for i, x in enumerate(losses) if not math.isfinite(x)), len(losses))
+    both = ema(ema(losses[:n], beta)[::-1], beta)[::-1]
+    return both + [math.nan] * (len(losses) - n)
 
 
 def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, float | None,
@@ -656,10 +667,13 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, f
     minimum = lrs[i_min]
     slope = np.gradient(loss[: i_min + 1], np.log10(lrs[: i_min + 1])) if i_min >= 2 else None
     steepest = lrs[int(np.argmin(slope))] if slope is not None else None
-    suggestion = min(max(minimum / 10, lrs[0]), lrs[n - 1])
+    suggestion = min(max(minimum / 10, lrs[0]), lrs[n - 1], MAX_SUGGESTION)
     rule = (f"valley: a tenth of the lr at the smoothed-loss minimum ({minimum:.2g}); "
             f"steepest descent at {steepest:.2g}" if steepest else f"valley: a tenth of {minimum:.2g}")
     problems = []
+    if minimum / 10 > MAX_SUGGESTION:
+        problems.append(f"the minimum / 10 is {minimum / 10:.2g}; capped at {MAX_SUGGESTION:g}, "
+                        "since Adam diverges above it")
     drop = (loss[0] - loss[i_min]) / abs(loss[0]) if loss[0] else 0.0
     if drop < 0.05:
         problems.append(f"the smoothed loss fell only {drop:.1%} over the range")
@@ -673,7 +687,18 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, f
     return minimum, steepest, suggestion, rule, caution
 
 
-def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float], reason: list[str]) -> Any:
+def stop_reason(lrs: list[float], losses: list[float]) -> str | None:
+    """Why the range test stops after the last point: a non-finite loss, or the EMA past 4x its minimum."""
+    running = ema(losses)
+    best = min((x for x in running if math.isfinite(x)), default=math.inf)
+    if not math.isfinite(running[-1]):
+        return f"the loss became non-finite at lr {lrs[-1]:.2g}"
+    if len(running) > 3 and running[-1] > DIVERGE_FACTOR * best:
+        return f"the smoothed loss passed {DIVERGE_FACTOR:g}x its minimum at lr {lrs[-1]:.2g}"
+    return None
+
+
+def _range_recorder(lrs: list[float], losses: list[float], reason: list[str]) -> Any:
     """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
     from transformers import TrainerCallback
 
@@ -684,13 +709,9 @@ def _range_recorder(lrs: list[float], losses: list[float], smoothed: list[float]
                 return
             lrs.append(float(logs["learning_rate"]))
             losses.append(float(logs["loss"]))
-            smoothed[:] = smooth(losses)
-            best = min((x for x in smoothed if math.isfinite(x)), default=math.inf)
-            if not math.isfinite(smoothed[-1]):
-                reason.append(f"the loss became non-finite at lr {lrs[-1]:.2g}")
-            elif len(smoothed) > 3 and smoothed[-1] > DIVERGE_FACTOR * best:
-                reason.append(f"the smoothed loss passed {DIVERGE_FACTOR:g}x its minimum at lr {lrs[-1]:.2g}")
-            if reason:  # never clear the flag: the Trainer sets it at max_steps
+            why = stop_reason(lrs, losses)
+            if why:  # never clear the flag: the Trainer sets it at max_steps
+                reason.append(why)
                 control.should_training_stop = True
 
     return RangeRecorder()
@@ -749,10 +770,10 @@ def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps
                                     lambda i: start * ratio ** (min(i, steps - 1) / (steps - 1)))
     lrs: list[float] = []
     losses: list[float] = []
-    smoothed: list[float] = []
     reason: list[str] = []
-    trainer.add_callback(_range_recorder(lrs, losses, smoothed, reason))
+    trainer.add_callback(_range_recorder(lrs, losses, reason))
     trainer.train()
+    smoothed = smooth(losses)
     minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smoothed)
     stop_reason = reason[0] if reason else f"reached --end after {len(lrs)} steps"
     result = LRFindResult(out_dir, lrs, losses, smoothed, stop_reason, minimum, steepest, suggestion, rule,
@@ -777,7 +798,8 @@ def plot_lr_find(result: LRFindResult, path: Path) -> None:
     finite = [x for x in result.smoothed if math.isfinite(x)]
     if finite:
         low, high = min(finite), min(max(finite), DIVERGE_FACTOR * min(finite))
-        ax.set_ylim(low - 0.05 * abs(low), high * 1.05)
+        pad = 0.1 * (high - low) or 0.01 * abs(low) or 0.1
+        ax.set_ylim(low - pad, high + pad)
     ax.set(xlabel="learning rate", ylabel="loss", title="learning-rate range test")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -217,8 +217,13 @@ def train(
     hooks: TrainHooks | None = None,
     run_dir: Path | None = None,
     force: bool = False,
+    check: dict | None = None,
 ) -> RunResult:
-    """Run one training: data, check, model, Trainer with the monitor; record everything in the run dir."""
+    """Run one training: data, model, Trainer with the monitor; record everything in the run dir.
+
+    `check` is the pre-flight checklist the caller ran (written to check.json); the HTML report is
+    written at the end, whatever the status.
+    """
     from tunewise.data import build_datasets, ensure_pad_token
     from tunewise.model import load_tokenizer, resolve_hardware
 
@@ -234,6 +239,8 @@ def train(
         bundle = build_datasets(cfg.data, tokenizer, keep_untrained=force)
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            if check is not None:
+                write_json(run_dir / "check.json", check)
             plan = _write_plan(cfg, run_dir, hw, bundle)
             if hooks.on_plan:
                 hooks.on_plan(plan)
@@ -248,10 +255,22 @@ def train(
         result.numbers["traceback"] = traceback.format_exc()
         if main:
             _write_result(run_dir, result, started)
+            _write_report(run_dir)
         raise
     if main:
         _write_result(run_dir, result, started)
+        _write_report(run_dir)
     return result
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html and its PNGs; a report that cannot be drawn never fails the run."""
+    from tunewise.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as exc:
+        logger.warning("could not write the report for %s: %s", run_dir, exc)
 
 
 def _write_plan(cfg: Config, run_dir: Path, hw: Any, bundle: Any) -> dict:
