@@ -20,7 +20,7 @@ def needs_chromium(test):
     """CI installs Chromium (.ci/run): a missing browser is a failure, never a skip."""
 
     def run(*args, **kwargs):
-        assert shutil.which("chromium"), "chromium is not installed: apt-get install -y chromium (.ci/run does)"
+        assert shutil.which("chromium"), "chromium missing: apt-get install -y chromium"
         return test(*args, **kwargs)
 
     import functools

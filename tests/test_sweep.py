@@ -15,10 +15,12 @@ from tunewise.config import ConfigError, load_config
 from tunewise.sweep import (
     SweepSpec,
     Trial,
+    _record_invocation,
     halving_rungs,
     parse_grid,
     plan_trials,
     rank_trials,
+    refresh_trial,
     run_sweep,
     split_values,
     validate_sweep,
@@ -64,6 +66,22 @@ def test_bad_grid_key_is_a_config_error_before_anything_runs(tmp_path):
         validate_sweep(spec, plan_trials(spec, tmp_path))
     assert "trial-00" in str(info.value) and "learning_rate" in str(info.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("result, wrote, expected", [
+    ({"status": "stopped", "paused_at": 3, "global_step": 3}, True, "stopped"),  # a pause at a rung
+    ({"status": "stopped", "error": "no token is trained"}, True, "failed"),  # the doctor stopped it
+    ({"status": "stopped", "paused_at": 3, "global_step": 3}, False, "failed"),  # killed before its result
+])
+def test_an_invocation_that_cannot_go_on_is_recorded_as_failed(tmp_path, result, wrote, expected):
+    trial = Trial(0, {"k": "1"}, tmp_path / "trial-00-k1")
+    trial.run_dir.mkdir()
+    (trial.run_dir / "result.json").write_text(json.dumps(result))
+    _record_invocation(trial, {"returncode": -9 if not wrote else 1, "wrote_result": wrote, "seconds": 2.0})
+    refresh_trial(trial)
+    assert trial.status == expected and trial.seconds == 2.0
+    if expected == "failed":
+        assert "killed" in trial.error or "doctor" in trial.error
 
 
 def test_ranking_uses_the_last_common_eval_step_and_puts_failures_last(tmp_path):
@@ -112,10 +130,13 @@ def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, small_d
 
     before = _mtimes(sweep_dir)
     assert len(before) == 3
-    assert cli.main(argv) == 0
-    assert "nothing was run again" in capsys.readouterr().out
+    assert cli.main([*argv, "--then-train"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was run again" in out
     assert _mtimes(sweep_dir) == before
     assert json.loads((sweep_dir / "sweep.json").read_text())["launched"] == 0
+    trained = json.loads((tmp_path / "runs" / "sweep-g-best" / "result.json").read_text())
+    assert trained["status"] == "completed" and trained["global_step"] == 6  # the base config's max_steps
 
 
 def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_model_dir, small_data,

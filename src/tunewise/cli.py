@@ -211,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_step=progress.step,
         on_start=progress.begin,
         stop_at_step=args.stop_at_step,
+        samples=not args.no_samples,
     )
     try:
         result = train(cfg, resume=args.resume, hooks=hooks, force=args.force, check=check)
@@ -248,10 +249,20 @@ def _print_result(result: Any) -> None:
         f"best eval loss {_fmt(n.get('best_eval_loss'))} ({n.get('best_checkpoint') or 'no checkpoint'})",
         style=style,
     )
+    if result.error:
+        _say(f"why: {result.error}", style=style)
     if n.get("recovery_changes"):
         _say(f"recovered from divergence by changing: {', '.join(n['recovery_changes'])}")
+    findings = n.get("findings") or []
+    if findings:
+        _say(f"the doctor's findings ({len(findings)}):", style="bold")
+        for f in findings:
+            where = f"step {f['step']}" if f.get("step") is not None else "run"
+            _say(f"  {f['severity']:7} {where}: {f['title']}")
+    else:
+        _say("the doctor found nothing to warn about")
     _say(
-        f"run directory: {result.run_dir}  (saved {n.get('saved', '-')}/; "
+        f"run directory: {result.run_dir}  (saved {n.get('saved', '-')}/, report.html; "
         f"next: tunewise doctor {result.run_dir})"
     )
 
@@ -585,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                    help="pause after step N is evaluated and checkpointed (status stopped); --resume goes on")
+    p.add_argument("--no-samples", action="store_true", help="skip the sample generations (samples.json)")
     p = add(
         "doctor",
         cmd_doctor,
@@ -667,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tunewise reports progress itself
     # bitsandbytes says this on every CPU step; tunewise says it once as a hardware notice
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     args = build_parser().parse_args(argv)

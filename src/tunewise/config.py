@@ -559,7 +559,7 @@ _COMMENTS = {
     "num_train_epochs": "passes over the training data (1-3 for small datasets; more overfits)",
     "per_device_train_batch_size": "examples per forward pass per process",
     "per_device_eval_batch_size": "examples per evaluation forward pass",
-    "gradient_accumulation_steps": "micro-batches per optimizer step (effective batch = batch x this x procs)",
+    "gradient_accumulation_steps": "micro-batches per step (effective batch = batch x this x nproc)",
     "lr_scheduler_type": "learning-rate schedule after warmup",
     "warmup_steps": "a fraction < 1 of all steps, or a number of steps (3%; 50-100 steps for long runs)",
     "optim": "optimizer; paged_adamw_32bit needs bitsandbytes (replaced with a notice where it cannot run)",

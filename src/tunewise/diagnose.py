@@ -251,7 +251,7 @@ class CurveWatcher:
             self._untrained = []
             self._close("no_trainable_tokens", step)
         if bad and trainable_tokens == 0:
-            new = self._on_no_signal(step, loss, lr)  # 0/0: nothing to learn, not a divergence
+            new = self._on_no_signal(step)  # 0/0: nothing to learn, not a divergence
         elif bad:
             new = self._on_non_finite(step, loss, grad_norm, lr, trainable_tokens)
         else:
@@ -377,7 +377,7 @@ class CurveWatcher:
                     "nan_hidden_by_logging_filter": hidden, "trainable_tokens": tokens}
         return [Finding(step, "error", "non_finite", title, evidence, *self._divergence_advice())]
 
-    def _on_no_signal(self, step: int, loss: float, lr: float | None) -> list[Finding]:
+    def _on_no_signal(self, step: int) -> list[Finding]:
         """A step that trained no token: warn when such steps begin, an error when they go on."""
         self._untrained.append(step)
         if self._open("no_trainable_tokens", step):

@@ -32,18 +32,45 @@ logger = logging.getLogger(__name__)
 
 
 class StepRecord:
-    """What one optimizer step did, filled by WatchedTrainer's hooks."""
+    """What one optimizer step did, filled by WatchedTrainer's hooks.
+
+    Micro-batch sums stay on the batch's device; `settle` copies them to the host once per optimizer step,
+    so the monitor adds no device sync per micro-batch.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros(())
+        self._sums: dict[str, torch.Tensor] = {}
+        self._settled = False
         self.micro = 0
+        self.loss = 0.0
         self.tokens = 0
         self.trained_tokens: int | None = None  # None when the batches carry no labels
         self.grad_norm: float | None = None
         self.learning_rate: float | None = None
+
+    def add(self, loss: torch.Tensor, inputs: dict[str, Any]) -> None:
+        parts = {"loss": loss.detach().float()}
+        if "attention_mask" in inputs:
+            parts["tokens"] = inputs["attention_mask"].sum()
+        if "labels" in inputs:
+            parts["trained_tokens"] = (inputs["labels"][..., 1:] != -100).sum()
+        for key, value in parts.items():
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self.micro += 1
+        self._settled = False
+
+    def settle(self) -> None:
+        """Copy the step's sums to the host (idempotent until the next micro-batch)."""
+        if self._settled:
+            return
+        if "loss" in self._sums:
+            self.loss = float(self._sums["loss"])
+        self.tokens = int(self._sums["tokens"]) if "tokens" in self._sums else 0
+        self.trained_tokens = int(self._sums["trained_tokens"]) if "trained_tokens" in self._sums else None
+        self._settled = True
 
 
 class WatchedTrainer(Trainer):
@@ -56,14 +83,9 @@ class WatchedTrainer(Trainer):
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        rec = self.step_record
-        if "attention_mask" in inputs:
-            rec.tokens += int(inputs["attention_mask"].sum())
-        if "labels" in inputs:
-            rec.trained_tokens = (rec.trained_tokens or 0) + int((inputs["labels"][..., 1:] != -100).sum())
+        kept = {k: inputs[k] for k in ("attention_mask", "labels") if k in inputs}  # before any pop
         loss = super().training_step(model, inputs, num_items_in_batch)
-        rec.loss = rec.loss + loss.detach().float().cpu()
-        rec.micro += 1
+        self.step_record.add(loss, kept)
         return loss
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
@@ -136,6 +158,7 @@ class StepMonitor(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.trainer.step_record
+        rec.settle()
         if kwargs.get("optimizer") is not None:
             rec.learning_rate = kwargs["optimizer"].param_groups[0]["lr"]  # the rate this update uses
         loss = float(rec.loss)
@@ -147,6 +170,7 @@ class StepMonitor(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.trainer.step_record
+        rec.settle()
         now = time.time()
         step_time = now - self.last_step_time
         self.last_step_time = now

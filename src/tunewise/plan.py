@@ -105,6 +105,9 @@ def _model_shape(cfg: Config) -> dict[str, int] | None:
             linear += module.weight.numel()
             lora += cfg.adapter.r * (module.in_features + module.out_features)
     total = sum(p.numel() for p in model.parameters())
+    tied = getattr(mconf, "tie_word_embeddings", False)
+    if tied and output is not None and output.weight is not model.get_input_embeddings().weight:
+        total -= output.weight.numel()  # on the meta device the tie is not made: count the tensor once
     other = total - linear
     return {
         "total": total,

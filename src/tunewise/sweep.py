@@ -221,7 +221,7 @@ def trial_command(spec: SweepSpec, trial: Trial, eval_every: int, stop_at: int |
     cmd += [*spec.overrides, *trial.overrides(), f"training.max_steps={spec.max_steps}",
             "training.eval_strategy=steps", "training.save_strategy=steps",
             f"training.eval_steps={eval_every}", f"training.save_steps={eval_every}",
-            f"name={trial.name}", f"output_dir={trial.run_dir.parent}", "--force", "--quiet"]
+            f"name={trial.name}", f"output_dir={trial.run_dir.parent}", "--force", "--quiet", "--no-samples"]
     if stop_at is not None and stop_at < spec.max_steps:
         cmd.append(f"--stop-at-step={stop_at}")
     if resume:
@@ -238,7 +238,10 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         log.write(f"$ {' '.join(job.command)}\n")
         log.flush()
         proc = subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=job.env, check=False)
-    return {"run_dir": job.run_dir, "returncode": proc.returncode, "seconds": round(time.time() - started, 2)}
+    result = run_dir / "result.json"
+    wrote = result.is_file() and result.stat().st_mtime >= started
+    return {"run_dir": job.run_dir, "returncode": proc.returncode, "wrote_result": wrote,
+            "seconds": round(time.time() - started, 2)}
 
 
 def _trial_env(workers: int) -> dict[str, str]:
@@ -325,7 +328,7 @@ def refresh_trial(trial: Trial) -> None:
     trial.seconds = float(book.get("seconds", 0.0))
     trial.train_losses = [(r["step"], r["loss"]) for r in train]
     trial.evals = {r["step"]: r["eval_loss"] for r in records if r.get("type") == "eval" and "eval_loss" in r}
-    if trial.status in BAD_STATUSES or trial.status == "completed":
+    if trial.status != "pending":
         _diagnose(trial)
 
 
@@ -347,18 +350,21 @@ def _diagnose(trial: Trial) -> None:
 
 
 def _record_invocation(trial: Trial, outcome: dict[str, Any]) -> None:
-    """Keep the trial's total time; a process that died without result.json is recorded as failed."""
+    """Keep the trial's total time; a process that died without its result, or that the doctor stopped
+    (nothing to learn), is recorded as failed so that re-running the sweep does not run it again."""
     path = trial.run_dir / "sweep_trial.json"
     book = _read_json(path)
     book["seconds"] = round(book.get("seconds", 0.0) + outcome["seconds"], 2)
     book["invocations"] = book.get("invocations", 0) + 1
     book["params"] = trial.params
     result = _read_json(trial.run_dir / "result.json")
-    died = outcome["returncode"] != 0 and result.get("status") not in FINAL_STATUSES | {"stopped"}
-    if died or (outcome["returncode"] < 0 and result.get("status") == "stopped"):
+    if not outcome["wrote_result"]:
         book["status"] = "failed"
         book["error"] = (f"the trial process ended with code {outcome['returncode']} before writing its "
                          "result (killed: out of memory?); see trial.log")
+    elif result.get("status") == "stopped" and "paused_at" not in result:  # not a pause at a rung
+        book["status"] = "failed"
+        book["error"] = f"the doctor stopped it: {result.get('error')}"
     path.write_text(json.dumps(book, indent=2) + "\n", encoding="utf-8")
 
 
@@ -425,7 +431,7 @@ def run_sweep(spec: SweepSpec, on_trial: Callable[[str, Trial], None] | None = N
     for trial in trials:
         refresh_trial(trial)
     halving = halving_rungs(spec.max_steps, len(trials), spec.eta)
-    eval_every = halving[0]
+    eval_every = max(1, round(spec.max_steps / spec.eta))  # a trial pausing at a lower rung evaluates there
     launched = 0
     if spec.strategy == "grid":
         rungs = [spec.max_steps]

@@ -36,6 +36,7 @@ class TrainHooks:
     on_start: Callable[[dict], None] | None = None
     on_plan: Callable[[dict], None] | None = None  # the plan (steps, hardware, memory) before training
     stop_at_step: int | None = None  # pause after this step's eval and checkpoint (sweep rungs)
+    samples: bool = True  # write samples.json at the end (sweep trials skip the slow generation)
 
 
 @dataclass
@@ -323,7 +324,8 @@ def _train_attempts(
             extra: dict[str, Any] = {**summary, **({"recovery_changes": changes} if changes else {})}
             if paused:
                 extra["paused_at"] = trainer.state.global_step
-            return _finish(trainer, cfg, run_dir, "stopped" if paused else "completed", extra, bundle)
+            status = "stopped" if paused else "completed"
+            return _finish(trainer, cfg, run_dir, status, extra, bundle if hooks.samples else None)
         if cfg.doctor.on_divergence != "recover" or attempt == cfg.doctor.max_recoveries:
             return _finish(
                 trainer,
@@ -394,7 +396,8 @@ class _LearningRateReset:
 
 
 def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hooks: TrainHooks) -> Finding:
-    where = f"from {good.name}" if good else "from the initial weights (no checkpoint from before the loss went bad)"
+    where = (f"from {good.name}" if good
+             else "from the initial weights (no checkpoint from before the loss went bad)")
     finding = Finding(
         step=step,
         severity="info",
