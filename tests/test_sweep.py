@@ -58,6 +58,7 @@ def test_rungs_divide_the_budget_by_eta():
     assert halving_rungs(100, 9, 3) == [11, 33, 100]
     assert halving_rungs(9, 3, 3) == [3, 9]
     assert halving_rungs(9, 2, 3) == [9]
+    assert halving_rungs(9, 9, 3, first=2) == [2, 3, 9]  # no rung inside a 1-step warmup
 
 
 def test_bad_grid_key_is_a_config_error_before_anything_runs(tmp_path):

@@ -179,17 +179,26 @@ def sweep_name(spec: SweepSpec) -> str:
     return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
-def halving_rungs(max_steps: int, n_trials: int, eta: int) -> list[int]:
-    """Rung steps max/eta^k, ..., max/eta, max: as many rungs as halvings that leave one trial."""
+def halving_rungs(max_steps: int, n_trials: int, eta: int, first: int = 1) -> list[int]:
+    """Rung steps max/eta^k, ..., max/eta, max: as many rungs as halvings that leave one trial.
+
+    No rung comes before step `first`: an evaluation during warmup tells the trials apart by noise only.
+    """
     levels = 1
     while eta ** levels <= n_trials:
         levels += 1
-    rungs = {max(1, round(max_steps / eta**k)) for k in range(levels)}
+    rungs = {min(max_steps, max(first, round(max_steps / eta**k))) for k in range(levels)}
     return sorted(rungs)
 
 
-def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> Config:
-    """Load every trial's config before anything runs; raises one ConfigError naming the trials."""
+def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> tuple[Config, int]:
+    """Load every trial's config before anything runs: (the base config, the longest warmup in steps).
+
+    Raises:
+        ConfigError: naming the trial of every problem.
+    """
+    from tunewise.plan import warmup_steps
+
     problems: list[str] = []
     if spec.max_steps < 1:
         problems.append(f"--max-steps is {spec.max_steps}; must be >= 1")
@@ -199,14 +208,16 @@ def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> Config:
     if base.data.train and not (base.data.validation or base.data.validation_split):
         problems.append("a sweep ranks trials by validation loss: set `data.validation` or "
                         "`data.validation_split` (e.g. data.validation_split=0.1)")
+    warmup = 0
     for trial in trials:
         try:
-            load_config(spec.config, [*spec.overrides, *trial.overrides()])
+            cfg = load_config(spec.config, [*spec.overrides, *trial.overrides()])
+            warmup = max(warmup, warmup_steps(float(cfg.training["warmup_steps"]), spec.max_steps))
         except ConfigError as exc:
             problems.extend(f"{trial.name}: {p}" for p in exc.problems)
     if problems:
         raise ConfigError(problems)
-    return base
+    return base, warmup
 
 
 # ----------------------------------------------------------------------------- running trials
@@ -424,13 +435,13 @@ def run_sweep(spec: SweepSpec, on_trial: Callable[[str, Trial], None] | None = N
     Raises:
         ConfigError: a bad grid or a trial config that cannot load, before any trial runs.
     """
-    base = validate_sweep(spec, plan_trials(spec, Path(".")))
+    base, warmup = validate_sweep(spec, plan_trials(spec, Path(".")))
     sweep_dir = Path(base.output_dir) / f"sweep-{sweep_name(spec)}"
     sweep_dir.mkdir(parents=True, exist_ok=True)
     trials = plan_trials(spec, sweep_dir)
     for trial in trials:
         refresh_trial(trial)
-    halving = halving_rungs(spec.max_steps, len(trials), spec.eta)
+    halving = halving_rungs(spec.max_steps, len(trials), spec.eta, first=warmup + 1)
     eval_every = max(1, round(spec.max_steps / spec.eta))  # a trial pausing at a lower rung evaluates there
     launched = 0
     if spec.strategy == "grid":
