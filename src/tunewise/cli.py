@@ -121,6 +121,7 @@ class Progress:
 
     def begin(self, info: dict) -> None:
         self.total = int(info.get("max_steps") or 0)
+        self.start = time.time()  # elapsed and ETA count from the first step, not from start-up
         if self.quiet or not console.is_terminal:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -680,8 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tunewise reports progress itself
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the one-off GGUF conversion bar
     # bitsandbytes says this on every CPU step; tunewise says it once as a hardware notice
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # renames announced for transformers 6 (gradient_ -> activation_checkpointing): noise for our users
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = build_parser().parse_args(argv)
     config = getattr(args, "config", None)
     if config and "=" in config and not Path(config).exists():

@@ -127,7 +127,7 @@ def test_conversations(cfg: Config) -> list[list[dict]]:
 
 
 def evaluate(
-    cfg: Config, run_dir: Path | None, limit: int | None = None, max_new_tokens: int = 48
+    cfg: Config, run_dir: Path | None, limit: int | None = None, max_new_tokens: int = 40
 ) -> dict[str, Any]:
     """Generate greedily for the test split and score it; run_dir None evaluates the base model."""
     conversations = test_conversations(cfg)
