@@ -110,7 +110,7 @@ def main() -> None:
     data = {
         "scale": {"steps": args.steps, "grid": args.grid, "batch": args.batch, "gradient_accumulation": 1,
                   "val_rows": args.val_rows, "eta": args.eta, "workers": args.workers,
-                  "model": "smollm2-135m-instruct (LoRA, fp32 on CPU)", "data": "bundled contacts, 800 train"},
+                  "model": "smollm2-135m-instruct (LoRA, fp32, CPU)", "data": "bundled, 800 train"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         **summary,
