@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="where the sweeps run (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--note", default=None, help="free text kept in the results (interruptions, load)")
     return parser.parse_args()
 
 
@@ -70,7 +71,8 @@ def run_one(strategy: str, args: argparse.Namespace, overrides: list[str]) -> di
     result = run_sweep(spec, on_trial=report)
     winner = result.winner
     return {
-        "wall_s": round(time.time() - started, 1),
+        "wall_s_this_invocation": round(time.time() - started, 1),  # ~0 when the sweep was already done
+        "trial_seconds": round(sum(t.seconds for t in result.trials), 1),
         "rungs": result.rungs,
         "total_steps": result.total_steps,
         "winner": dict(winner.params) if winner else None,
@@ -90,10 +92,14 @@ def compare(grid: dict, halving: dict) -> dict:
     best = grid["winner_val_loss"]
     gap = (chosen - best) / best if chosen is not None and best else None
     ratio = halving["total_steps"] / grid["total_steps"]
+    own = halving["winner_val_loss"]
     return {
         "same_winner": halving["winner"] == grid["winner"],
         "grid_val_loss_of_halving_winner": chosen,
         "relative_gap": gap,
+        # the same config trained twice (grid run vs the paused/resumed halving run): run-to-run noise
+        "halving_winner_val_loss_own_run": own,
+        "same_config_relative_difference": (own - chosen) / chosen if own and chosen else None,
         "steps_ratio": round(ratio, 3),
         "goal_met": gap is not None and gap <= 0.02 and ratio <= 0.40,
     }
@@ -114,6 +120,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         **summary,
+        "note": args.note,
         "grid": results["grid"],
         "halving": results["halving"],
     }
@@ -124,7 +131,7 @@ def main() -> None:
     for strategy in ("grid", "halving"):
         r = results[strategy]
         print(f"{strategy}: best {r['winner']} val {r['winner_val_loss']} at step {r['winner_step']}; "
-              f"{r['total_steps']} optimizer steps; {r['wall_s']}s")
+              f"{r['total_steps']} optimizer steps; {r['trial_seconds']}s in trials")
     print(f"wrote {out}")
 
 
