@@ -26,9 +26,6 @@ from tunewise.config import ConfigError, load_config
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Project errors that are the user's to fix (imported lazily: they live in heavier modules)."""
     errors: list[type[BaseException]] = [ConfigError]

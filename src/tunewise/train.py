@@ -309,7 +309,7 @@ def _train_attempts(
     for attempt in range(cfg.doctor.max_recoveries + 1):
         trainer, monitor = build_trainer(cfg, run_dir, hw, tokenizer, bundle, pad_added, hooks)
         if changes:
-            trainer.add_callback(_LearningRateReset(cfg.training["learning_rate"]))
+            trainer.add_callback(_learning_rate_reset(cfg.training["learning_rate"]))
         if hooks.on_start and is_main_process():
             hooks.on_start({"max_steps": monitor.total_steps, "attempt": attempt})
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -375,24 +375,22 @@ class _PauseAt:
         return Pause()
 
 
-class _LearningRateReset:
-    """After resuming a checkpoint, apply the recovered run's new peak learning rate to the scheduler."""
+def _learning_rate_reset(learning_rate: float) -> Any:
+    """A callback that, after resuming a checkpoint, applies the recovered run's new peak learning rate."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, learning_rate: float) -> Any:
-        from transformers import TrainerCallback
+    class LearningRateReset(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            sched, opt = kwargs.get("lr_scheduler"), kwargs.get("optimizer")
+            if sched is None or opt is None:
+                return
+            sched.base_lrs = [learning_rate for _ in sched.base_lrs]
+            for group, fn in zip(opt.param_groups, getattr(sched, "lr_lambdas", []), strict=False):
+                group["initial_lr"] = learning_rate
+                group["lr"] = learning_rate * fn(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
 
-        class Reset(TrainerCallback):
-            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                sched, opt = kwargs.get("lr_scheduler"), kwargs.get("optimizer")
-                if sched is None or opt is None:
-                    return
-                sched.base_lrs = [learning_rate for _ in sched.base_lrs]
-                for group, fn in zip(opt.param_groups, getattr(sched, "lr_lambdas", []), strict=False):
-                    group["initial_lr"] = learning_rate
-                    group["lr"] = learning_rate * fn(sched.last_epoch)
-                sched._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reports
-
-        return Reset()
+    return LearningRateReset()
 
 
 def _record_recovery(run_dir: Path, step: int, fix: Fix, good: Path | None, hooks: TrainHooks) -> Finding:
