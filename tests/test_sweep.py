@@ -4,6 +4,8 @@ resuming without re-running, and the Ray backend with a crashing trial."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tunewise.sweep import (
     _record_invocation,
     halving_rungs,
     parse_grid,
+    parse_resources,
     plan_trials,
     rank_trials,
     refresh_trial,
@@ -168,3 +171,53 @@ def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_
     again = run_sweep(spec)
     assert again.launched == 0 and _mtimes(result.sweep_dir) == before
     assert again.winner.name == winner.name
+
+
+# ----------------------------------------------------------------------------- the Ray Tune backend
+
+
+def test_ray_resources_parse_and_refuse_bad_items() -> None:
+    assert parse_resources("cpu=2, gpu=0.5") == {"cpu": 2.0, "gpu": 0.5}
+    assert parse_resources("") == {"cpu": 1.0}
+    for bad in ("cpu", "gpu=many", "cpu=-1", "=2"):
+        with pytest.raises(ConfigError, match="--ray-resources"):
+            parse_resources(bad)
+
+
+def test_ray_backend_without_ray_is_a_clear_error(tiny_model_dir, small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    argv = ["sweep", *_base(tiny_model_dir, small_data, tmp_path), "--grid", "training.learning_rate=1e-3",
+            "--max-steps", "2", "--backend", "ray"]
+    assert cli.main(argv) == 2
+    assert "pip install 'tunewise[ray]'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def local_ray():
+    import ray  # the `ray` extra is part of the dev install (make test): a missing Ray fails here, not skips
+
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_backend_runs_trials_as_tune_trials_records_a_crash_and_resumes(
+    local_ray, tiny_model_dir, small_data, tmp_path
+) -> None:
+    spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, {"adapter.alpha": 16}),
+                     grid={"adapter.target_modules": ["all-linear", "[nope_proj]"]}, max_steps=2,
+                     backend="ray", name="ray")
+    events: list[tuple[str, str]] = []
+    result = run_sweep(spec, on_trial=lambda event, trial: events.append((event, trial.name)))
+    assert local_ray.is_initialized()  # the backend started a local Ray instance itself
+    ok, crashed = result.trials
+    assert ok.status == "completed" and ok.params["adapter.target_modules"] == "all-linear"
+    assert ok.global_step == 2 and math.isfinite(ok.val_loss)
+    assert crashed.status == "failed" and "nope_proj" in (crashed.error or "")
+    assert result.winner is ok and result.launched == 2
+    assert sorted(events) == sorted([(e, t.name) for t in result.trials for e in ("start", "end")])
+    # Tune kept its own records of the trials next to the sweep's
+    assert any((result.sweep_dir / "ray").rglob("experiment_state*.json"))
+    before = _mtimes(result.sweep_dir)
+    again = run_sweep(spec)
+    assert again.launched == 0 and again.winner.name == ok.name
+    assert _mtimes(result.sweep_dir) == before

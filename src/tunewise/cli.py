@@ -455,12 +455,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tunewise.sweep import DEFAULT_GRID, SweepSpec, parse_grid, run_sweep
+    from tunewise.sweep import DEFAULT_GRID, SweepSpec, parse_grid, parse_resources, run_sweep
 
     grid = parse_grid([item for group in args.grid or [] for item in group]) or dict(DEFAULT_GRID)
     spec = SweepSpec(config=args.config, overrides=args.overrides, grid=grid, max_steps=args.max_steps,
                      strategy=args.strategy, eta=args.eta, workers=args.workers, backend=args.backend,
-                     ray_address=args.ray_address, name=args.name)
+                     ray_address=args.ray_address, ray_resources=parse_resources(args.ray_resources),
+                     name=args.name)
     result = run_sweep(spec, on_trial=None if args.json else _print_trial_event)
     if args.json:
         print(json.dumps(json.loads((result.sweep_dir / "sweep.json").read_text()), indent=2))
@@ -515,7 +516,7 @@ def _print_sweep(result: Any) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from tunewise.sweep import find_learning_rate
+    from tunewise.lrfind import find_learning_rate
 
     cfg = load_config(args.config, args.overrides)
     result = find_learning_rate(cfg, start=args.start, end=args.end, steps=args.steps)
@@ -628,10 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid: every trial runs max-steps; halving: successive halving, keep the best 1/eta "
                    "at each rung")
     p.add_argument("--eta", type=int, default=3, help="halving: keep the best 1/eta at each rung (default 3)")
-    p.add_argument("--workers", type=int, default=1, help="trials run in parallel on this machine")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trials run in parallel on this machine (with --backend ray: at most this many at "
+                   "once when above 1; default: as many as the cluster's resources allow)")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="local processes, or Ray tasks (pip install 'tunewise[ray]')")
+                   help="local processes, or Ray Tune trials on a Ray cluster (pip install 'tunewise[ray]')")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--ray-resources", default="cpu=1", metavar="cpu=N,gpu=N",
+                   help="what each Ray trial holds (default cpu=1); e.g. cpu=4,gpu=1")
     p.add_argument("--name", default=None, help="sweep name (default: config name + a hash of the sweep)")
     p.add_argument("--then-train", action="store_true", help="then train the winner with its resolved config")
     p.add_argument("--json", action="store_true", help="machine-readable output (sweep.json)")

@@ -1,4 +1,4 @@
-"""Sweep and lr-find: many short trainings of the same flow, spending as few steps as they can.
+"""Sweeps: many short trainings of the same flow, spending as few steps as they can.
 
 A sweep is a grid of `key=value` overrides over one config. Each trial is its own `tunewise train`
 subprocess with its own run directory under `runs/sweep-<name>/trial-XX-<params>/`, so a trial that
@@ -54,6 +54,7 @@ class SweepSpec:
     workers: int = 1
     backend: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    ray_resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})  # per trial, Ray backend
     name: str | None = None  # default: <config stem>-<hash of everything above>
 
 
@@ -151,6 +152,26 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     if problems:
         raise ConfigError(problems)
     return grid
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """`cpu=2,gpu=1` (what each Ray trial holds) -> {"cpu": 2.0, "gpu": 1.0}.
+
+    Raises:
+        ConfigError: an item that is not NAME=NUMBER with a number >= 0.
+    """
+    resources: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not name.strip() or amount < 0:
+            raise ConfigError([f"--ray-resources: `{item}` is not NAME=NUMBER; write e.g. "
+                               "--ray-resources cpu=2,gpu=1"])
+        resources[name.strip().lower()] = amount
+    return resources or {"cpu": 1.0}
 
 
 def _short(key: str, value: str) -> str:
@@ -267,7 +288,7 @@ def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
     if not jobs:
         return
     if spec.backend == "ray":
-        _run_ray(jobs, spec.ray_address, on_start, on_done)
+        _run_ray(jobs, spec, on_start, on_done)
         return
 
     def work(index: int) -> dict[str, Any]:
@@ -280,23 +301,60 @@ def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
             on_done(futures[future], future.result())
 
 
-def _run_ray(jobs: list[TrialJob], address: str | None, on_start: Callable[[int], None],
+def _run_ray(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], None],
              on_done: Callable[[int, dict[str, Any]], None]) -> None:
-    """The same trial function as Ray tasks, on the cluster at `address` or a local Ray instance."""
+    """The same trial function as Ray Tune trials, on the cluster at `spec.ray_address` or a local Ray.
+
+    One Tune trial per job (a grid over the job index), each holding `spec.ray_resources`; Tune's own
+    records go to `<sweep dir>/ray/`. On a multi-machine cluster the sweep directory and this Python
+    environment must be at the same paths on every node (a shared filesystem).
+    """
     try:
         import ray
+        from ray import tune
     except ImportError:
-        raise ConfigError(["--backend ray needs Ray: pip install 'tunewise[ray]'"]) from None
+        raise ConfigError(["--backend ray needs Ray Tune: pip install 'tunewise[ray]'"]) from None
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
-    task = ray.remote(num_cpus=1)(run_trial)
-    pending = {}
-    for i, job in enumerate(jobs):
-        pending[task.remote(job)] = i
-        on_start(i)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        on_done(pending.pop(done[0]), ray.get(done[0]))
+        ray.init(address=spec.ray_address, include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=False)
+    threads = str(max(1, int(spec.ray_resources.get("cpu", 1))))
+    jobs = [TrialJob(j.command, j.run_dir, dict(j.env, OMP_NUM_THREADS=threads)) for j in jobs]
+    sweep_dir = Path(jobs[0].run_dir).resolve().parent
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_tune_trial, jobs=jobs), dict(spec.ray_resources)),
+        param_space={"job": tune.grid_search(list(range(len(jobs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.workers if spec.workers > 1 else None),
+        run_config=tune.RunConfig(name=f"advance-{int(time.time() * 1000)}",
+                                  storage_path=str(sweep_dir / "ray"),
+                                  callbacks=[_tune_reporter(on_start, on_done)], verbose=0),
+    )
+    tuner.fit()
+
+
+def _tune_trial(config: dict[str, Any], jobs: list[TrialJob]) -> dict[str, Any]:
+    """A Tune function trainable: run the job's `tunewise train` process; its outcome is the final result."""
+    return run_trial(jobs[config["job"]])
+
+
+def _tune_reporter(on_start: Callable[[int], None], on_done: Callable[[int, dict[str, Any]], None]) -> Any:
+    """A Tune callback (runs in this process) that reports trials starting and ending to the sweep."""
+    from ray.tune import Callback
+
+    class Reporter(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            on_start(trial.config["job"])
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            on_done(trial.config["job"], {k: result.get(k) for k in ("run_dir", "returncode", "wrote_result",
+                                                                     "seconds")})
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            # the Ray worker itself died (node lost, killed): the trial's own files say what they can
+            on_done(trial.config["job"], {"returncode": -1, "wrote_result": False, "seconds": None,
+                                          "error": "the Ray worker running this trial failed"})
+
+    return Reporter()
 
 
 # ----------------------------------------------------------------------------- reading a trial back
@@ -365,14 +423,15 @@ def _record_invocation(trial: Trial, outcome: dict[str, Any]) -> None:
     (nothing to learn), is recorded as failed so that re-running the sweep does not run it again."""
     path = trial.run_dir / "sweep_trial.json"
     book = _read_json(path)
-    book["seconds"] = round(book.get("seconds", 0.0) + outcome["seconds"], 2)
+    book["seconds"] = round(book.get("seconds", 0.0) + (outcome.get("seconds") or 0.0), 2)
     book["invocations"] = book.get("invocations", 0) + 1
     book["params"] = trial.params
     result = _read_json(trial.run_dir / "result.json")
     if not outcome["wrote_result"]:
         book["status"] = "failed"
-        book["error"] = (f"the trial process ended with code {outcome['returncode']} before writing its "
-                         "result (killed: out of memory?); see trial.log")
+        book["error"] = outcome.get("error") or (
+            f"the trial process ended with code {outcome['returncode']} before writing its result "
+            "(killed: out of memory?); see trial.log")
     elif result.get("status") == "stopped" and "paused_at" not in result:  # not a pause at a rung
         book["status"] = "failed"
         book["error"] = f"the doctor stopped it: {result.get('error')}"
@@ -599,226 +658,6 @@ def plot_curves(trials: list[Trial], path: Path) -> None:
     left.set(title="train loss", xlabel="step", ylabel="loss")
     right.set(title="validation loss", xlabel="step", ylabel="loss")
     right.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- lr-find
-
-SMOOTHING = 0.9  # EMA factor, ~10 steps of memory (fastai's 0.98 remembers ~50: half of a 100-step ramp)
-DIVERGE_FACTOR = 4.0
-MAX_SUGGESTION = 0.1  # keeps the x2 grid point below 1, which the config refuses
-LR_FIND_NOTE = ("learning-rate range tests are known to mislead on transformers and LoRA: the ramp is short, "
-                "starts from one initialization, has no warmup, and Adam's early steps and small noisy "
-                "batches move the curve; read lr_find.png and confirm with `tunewise sweep`")
-
-
-@dataclass
-class LRFindResult:
-    """The range test's curve and what it suggests."""
-
-    out_dir: Path
-    lrs: list[float]
-    losses: list[float]
-    smoothed: list[float]
-    stop_reason: str
-    minimum: float | None  # lr at the smoothed-loss minimum
-    steepest: float | None  # lr where the smoothed loss falls fastest
-    suggestion: float | None
-    rule: str
-    caution: str | None
-    note: str = LR_FIND_NOTE
-
-    def sweep_override(self) -> str | None:
-        """`training.learning_rate=X` for `tunewise train`."""
-        return f"training.learning_rate={self.suggestion:.2g}" if self.suggestion else None
-
-    def sweep_grid(self) -> str | None:
-        """A `--grid` item centered on the suggestion: x0.5, x1, x2."""
-        if not self.suggestion:
-            return None
-        return "training.learning_rate=" + ",".join(f"{self.suggestion * m:.2g}" for m in (0.5, 1, 2))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(out_dir=str(self.out_dir), sweep_override=self.sweep_override(),
-                    sweep_grid=self.sweep_grid())
-        return data
-
-
-def ema(losses: list[float], beta: float = SMOOTHING) -> list[float]:
-    """Bias-corrected exponential moving average (causal: what the stop rule can see while running)."""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta**i))
-    return out
-
-
-def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
-    """The EMA run forward then backward: as smooth, without the EMA's lag toward higher rates.
-
-    Points from the first non-finite loss on stay NaN.
-    """
-    n = next((i for i, x in enumerate(losses) if not math.isfinite(x)), len(losses))
-    both = ema(ema(losses[:n], beta)[::-1], beta)[::-1]
-    return both + [math.nan] * (len(losses) - n)
-
-
-def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, float | None,
-                                                                  str, str | None]:
-    """(minimum, steepest, suggestion, rule, caution) from the smoothed curve.
-
-    The suggestion is the lr at the smoothed minimum / 10 (the "valley" rule); the steepest descent of
-    the smoothed loss over log(lr) is reported next to it. A caution says why the curve is unclear.
-    """
-    import numpy as np
-
-    finite = [i for i, x in enumerate(smoothed) if math.isfinite(x)]
-    if len(finite) < 5:
-        return None, None, None, "none", "fewer than 5 finite points: lower --start or run more --steps"
-    n = finite[-1] + 1
-    loss = np.array(smoothed[:n])
-    i_min = int(np.nanargmin(loss))
-    minimum = lrs[i_min]
-    slope = np.gradient(loss[: i_min + 1], np.log10(lrs[: i_min + 1])) if i_min >= 2 else None
-    steepest = lrs[int(np.argmin(slope))] if slope is not None else None
-    suggestion = min(max(minimum / 10, lrs[0]), lrs[n - 1], MAX_SUGGESTION)
-    rule = (f"valley: a tenth of the lr at the smoothed-loss minimum ({minimum:.2g}); "
-            f"steepest descent at {steepest:.2g}" if steepest else f"valley: a tenth of {minimum:.2g}")
-    problems = []
-    if minimum / 10 > MAX_SUGGESTION:
-        problems.append(f"the minimum / 10 is {minimum / 10:.2g}; capped at {MAX_SUGGESTION:g}, "
-                        "since Adam diverges above it")
-    drop = (loss[0] - loss[i_min]) / abs(loss[0]) if loss[0] else 0.0
-    if drop < 0.05:
-        problems.append(f"the smoothed loss fell only {drop:.1%} over the range")
-    if i_min >= n - 2:
-        problems.append("the loss was still falling at the end of the range (raise --end or --steps)")
-    if i_min < max(3, n // 10):
-        problems.append("the loss rose almost from the start (lower --start)")
-    if steepest and not 1 / 10 <= steepest / suggestion <= 10:
-        problems.append(f"the two rules disagree by {max(steepest / suggestion, suggestion / steepest):.0f}x")
-    caution = "; ".join(problems) + f". {LR_FIND_NOTE}" if problems else None
-    return minimum, steepest, suggestion, rule, caution
-
-
-def stop_reason(lrs: list[float], losses: list[float]) -> str | None:
-    """Why the range test stops after the last point: a non-finite loss, or the EMA past 4x its minimum."""
-    running = ema(losses)
-    best = min((x for x in running if math.isfinite(x)), default=math.inf)
-    if not math.isfinite(running[-1]):
-        return f"the loss became non-finite at lr {lrs[-1]:.2g}"
-    if len(running) > 3 and running[-1] > DIVERGE_FACTOR * best:
-        return f"the smoothed loss passed {DIVERGE_FACTOR:g}x its minimum at lr {lrs[-1]:.2g}"
-    return None
-
-
-def _range_recorder(lrs: list[float], losses: list[float], reason: list[str]) -> Any:
-    """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
-    from transformers import TrainerCallback
-
-    class RangeRecorder(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
-                   **kwargs: Any) -> None:
-            if not logs or "loss" not in logs or "learning_rate" not in logs:
-                return
-            lrs.append(float(logs["learning_rate"]))
-            losses.append(float(logs["loss"]))
-            why = stop_reason(lrs, losses)
-            if why:  # never clear the flag: the Trainer sets it at max_steps
-                reason.append(why)
-                control.should_training_stop = True
-
-    return RangeRecorder()
-
-
-def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Any:
-    """A Trainer over the tunewise model and data, with the config's batch, precision and optimizer."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
-
-    from tunewise.data import DataCollator, build_datasets, ensure_pad_token
-    from tunewise.model import load_model, load_tokenizer, resolve_hardware
-    from tunewise.train import training_arguments
-
-    cfg.training.update(max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-                        logging_steps=1, report_to="none", warmup_steps=0, lr_scheduler_type="constant")
-    hw = resolve_hardware(cfg)
-    tokenizer = load_tokenizer(cfg)
-    pad_added = ensure_pad_token(tokenizer)
-    bundle = build_datasets(cfg.data, tokenizer)
-    set_seed(int(cfg.training.get("seed", 42)))  # the same initial adapter every time
-    model = load_model(cfg, hw, tokenizer, pad_added)
-    trainer = Trainer(model=model, args=training_arguments(cfg, out_dir, hw, has_eval=False),
-                      train_dataset=bundle.to_hf("train"),
-                      data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-                      processing_class=tokenizer)
-    for noisy in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(noisy)
-    return trainer
-
-
-def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps: int = 100,
-                       out_dir: Path | None = None) -> LRFindResult:
-    """Learning-rate range test: lr grows exponentially from `start` to `end` over `steps` optimizer steps.
-
-    Stops when the smoothed loss passes 4x its minimum. Writes lr_find.json and lr_find.png.
-
-    Raises:
-        ConfigError: a range that cannot work.
-    """
-    import copy
-
-    from torch.optim.lr_scheduler import LambdaLR
-
-    if not 0 < start < end or steps < 5:
-        raise ConfigError([f"lr-find needs 0 < --start < --end and --steps >= 5 "
-                           f"(got --start {start}, --end {end}, --steps {steps})"])
-    cfg = copy.deepcopy(cfg)
-    out_dir = out_dir or Path(cfg.output_dir) / (f"lr-find-{cfg.name}" if cfg.name else "lr-find")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = _range_trainer(cfg, out_dir, steps)
-    trainer.create_optimizer()
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = 1.0  # LambdaLR multiplies this: the lambda is the learning rate itself
-    ratio = end / start
-    trainer.lr_scheduler = LambdaLR(trainer.optimizer,
-                                    lambda i: start * ratio ** (min(i, steps - 1) / (steps - 1)))
-    lrs: list[float] = []
-    losses: list[float] = []
-    reason: list[str] = []
-    trainer.add_callback(_range_recorder(lrs, losses, reason))
-    trainer.train()
-    smoothed = smooth(losses)
-    minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smoothed)
-    stop_reason = reason[0] if reason else f"reached --end after {len(lrs)} steps"
-    result = LRFindResult(out_dir, lrs, losses, smoothed, stop_reason, minimum, steepest, suggestion, rule,
-                          caution)
-    (out_dir / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    plot_lr_find(result, out_dir / "lr_find.png")
-    return result
-
-
-def plot_lr_find(result: LRFindResult, path: Path) -> None:
-    """Smoothed loss against the learning rate (log x), with both rules marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
-    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
-    marks = [(result.minimum, "C3", "minimum"), (result.steepest, "C2", "steepest descent"),
-             (result.suggestion, "C1", "suggestion (minimum / 10)")]
-    for lr, color, label in marks:
-        if lr:
-            ax.axvline(lr, color=color, ls="--", lw=1, label=f"{label}: {lr:.2g}")
-    ax.set_xscale("log")
-    finite = [x for x in result.smoothed if math.isfinite(x)]
-    if finite:
-        low, high = min(finite), min(max(finite), DIVERGE_FACTOR * min(finite))
-        pad = 0.1 * (high - low) or 0.01 * abs(low) or 0.1
-        ax.set_ylim(low - pad, high + pad)
-    ax.set(xlabel="learning rate", ylabel="loss", title="learning-rate range test")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
