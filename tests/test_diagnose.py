@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tunewise.diagnose import (
-    Curve,
-    CurveWatcher,
-    Diagnosis,
-    DoctorError,
-    Finding,
-    Fix,
-    TrainPoint,
-    append_findings,
-    diagnose_curve,
-    diagnose_path,
-    load_curve,
-    read_findings,
-    render_diagnosis,
-)
+from tunewise.diagnose import Diagnosis, diagnose_curve, diagnose_path, render_diagnosis
+from tunewise.findings import Finding, Fix, append_findings, read_findings
+from tunewise.logs import Curve, DoctorError, TrainPoint, load_curve
+from tunewise.watcher import CurveWatcher
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STATES = FIXTURES / "trainer_states"

@@ -17,7 +17,8 @@ from conftest import read_jsonl, tiny_overrides, write_subset
 from safetensors.torch import load_file
 
 from tunewise.config import load_config
-from tunewise.diagnose import diagnose_path, read_findings, render_diagnosis
+from tunewise.diagnose import diagnose_path, render_diagnosis
+from tunewise.findings import read_findings
 from tunewise.train import train
 
 # Small, fast runs: batch 2, no checkpoint or eval unless a test asks for one.

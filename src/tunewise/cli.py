@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in [
         ("tunewise.data", "DataError"),
         ("tunewise.model", "ModelError"),
-        ("tunewise.diagnose", "DoctorError"),
+        ("tunewise.logs", "DoctorError"),
     ]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

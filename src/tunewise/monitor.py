@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tunewise.diagnose import CurveWatcher, Finding, append_findings
+from tunewise.findings import Finding, append_findings
+from tunewise.watcher import CurveWatcher
 
 logger = logging.getLogger(__name__)
 

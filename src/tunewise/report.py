@@ -24,7 +24,9 @@ from typing import Any
 import yaml
 
 from tunewise import charts
-from tunewise.diagnose import Curve, Diagnosis, DoctorError, Finding, diagnose_path, load_curve
+from tunewise.diagnose import Diagnosis, diagnose_path
+from tunewise.findings import Finding
+from tunewise.logs import Curve, DoctorError, load_curve
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,9 @@ sweep goes on, and re-running the same sweep skips every trial that already reac
 `halving` is successive halving: every trial runs to the first rung, the best 1/eta continue from their
 checkpoint to the next rung, and so on; diverged trials drop out at once.
 
+Trials run `--workers` at a time as local processes, or (`backend="ray"`) as Ray Tune trials on a Ray
+cluster: the same trial function, one Tune trial per trial process, with the resources each holds.
+
 The sweep directory holds sweep.json, heatmap.png (validation loss over the two main axes),
 curves.png (every trial's curves) and best.yaml (the winner's resolved config, for `tunewise train`).
 """
@@ -402,7 +405,8 @@ def refresh_trial(trial: Trial) -> None:
 
 
 def _diagnose(trial: Trial) -> None:
-    from tunewise.diagnose import DoctorError, diagnose_path
+    from tunewise.diagnose import diagnose_path
+    from tunewise.logs import DoctorError
 
     try:
         diagnosis = diagnose_path(trial.run_dir)

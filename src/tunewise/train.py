@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.config import Config
-from tunewise.diagnose import CurveWatcher, Finding, Fix, append_findings
+from tunewise.findings import Finding, Fix, append_findings
+from tunewise.watcher import CurveWatcher
 
 logger = logging.getLogger(__name__)
 
