@@ -129,15 +129,15 @@ def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Ve
 def _run_evidence(curve: Curve, status: str | None) -> dict[str, Any]:
     """Whole-run numbers: span, first/last/min loss, best and last eval, peak learning rate."""
     losses = [(p.step, math.nan if hides_nan(p.loss, p.grad_norm) else p.loss) for p in curve.train]
-    finite = [(s, x) for s, x in losses if finite(x)]
+    kept = [(s, x) for s, x in losses if finite(x)]
     evals = [e for e in curve.eval if finite(e.eval_loss)]
     lrs = [p.lr for p in curve.train if finite(p.lr)]
     evidence: dict[str, Any] = {"train_points": len(losses), "eval_points": len(curve.eval)}
     if losses:
         evidence.update(first_step=losses[0][0], last_step=losses[-1][0], loss_last=losses[-1][1])
-    if finite:
-        low = min(finite, key=lambda t: t[1])
-        evidence.update(loss_first=finite[0][1], loss_min=low[1], loss_min_step=low[0])
+    if kept:
+        low = min(kept, key=lambda t: t[1])
+        evidence.update(loss_first=kept[0][1], loss_min=low[1], loss_min_step=low[0])
     if evals:
         best = min(evals, key=lambda e: e.eval_loss)
         evidence.update(best_eval_loss=best.eval_loss, best_eval_step=best.step,
