@@ -18,15 +18,14 @@ from transformers import AutoTokenizer
 from tunewise.config import DataConfig
 from tunewise.data import (
     DataCollator,
-    DataError,
     EncodedExample,
     build_datasets,
     encode_conversation,
     ensure_pad_token,
-    load_conversations,
     render_example,
     split_validation,
 )
+from tunewise.formats import DataError, load_conversations
 
 TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
 TEMPLATES = ["chatml", "llama3", "mistral"]

@@ -170,11 +170,11 @@ def _source_file(source: str) -> str:
 
 def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
     """source -> conversation for every row of the files the examples came from."""
-    from tunewise.data import load_conversations
+    from tunewise.formats import load_conversations
 
     sources = [e.source for e in bundle.train + (bundle.validation or [])] + bundle.stats.no_trained_sources
     out: dict[str, list[dict]] = {}
-    data_logger = logging.getLogger("tunewise.data")
+    data_logger = logging.getLogger("tunewise.formats")
     level = data_logger.level
     data_logger.setLevel(logging.ERROR)  # build_datasets already reported the skipped rows once
     try:
@@ -189,7 +189,8 @@ def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
 def _full_lengths(cfg: Config, bundle: Any, conversations: dict[str, list[dict]],
                   tokenizer: Any) -> list[int]:
     """Tokens of every example before truncation, the ones left out (no trained token, dropped) included."""
-    from tunewise.data import DataError, encode_conversation
+    from tunewise.data import encode_conversation
+    from tunewise.formats import DataError
 
     examples = bundle.train + (bundle.validation or [])
     lengths = [e.full_length for e in examples]

@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Project errors that are the user's to fix (imported lazily: they live in heavier modules)."""
     errors: list[type[BaseException]] = [ConfigError]
     for module, name in [
-        ("tunewise.data", "DataError"),
+        ("tunewise.formats", "DataError"),
         ("tunewise.model", "ModelError"),
         ("tunewise.logs", "DoctorError"),
     ]:

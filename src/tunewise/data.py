@@ -1,9 +1,8 @@
-"""Data: rows -> chat template -> input_ids + labels (-100 on what is not trained).
+"""Data: conversations -> chat template -> input_ids + labels (-100 on what is not trained).
 
-Rows come from JSONL, JSON, CSV, Parquet or a `save_to_disk` directory in one of five formats
-(OpenAI messages, ShareGPT, Alpaca, prompt/completion, plain text) and are normalised to a list of
-`{"role", "content"}` messages. Plain text rows become one message with the marker role `"text"`:
-they are tokenized without a chat template and every token is trained.
+Conversations come from `formats` (any file type and row format, normalised to messages). Plain-text
+rows (one message with the marker role `"text"`) are tokenized without a chat template and every
+token is trained.
 
 Labels come from character spans, so they are right for any chat template (no `{% generation %}`
 markers needed): the conversation is rendered once, each assistant turn's span is located by
@@ -14,10 +13,7 @@ file and line, or are skipped and counted with `on_bad_rows: skip`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import logging
 import random
 from collections import Counter
@@ -26,19 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.config import DataConfig
+from tunewise.formats import TEXT_ROLE, DataError, RowProblem, load_file, problem_lines
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", **{role: role for role in ROLES}}
-TEXT_ROLE = "text"  # marker role of plain-text rows: no chat template, every token trained
-FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them in this order)
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
 # Only for tokenizers that ship no template but have an EOS: ChatML markers as plain text, EOS ends a turn.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,26 +33,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-MAX_LISTED = 10  # problems listed in one DataError
-SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
-
-
-class DataError(Exception):
-    """Data that cannot be trained on; the message names the file and line (or row), the problem, the fix."""
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason  # the bad-row reason when one row is at fault (e.g. "template_error")
-
-
-class _RowProblem(Exception):
-    """One bad row: a reason key for the skip counts, what is wrong, and the fix."""
-
-    def __init__(self, reason: str, what: str, fix: str):
-        super().__init__(what)
-        self.reason, self.what, self.fix = reason, what, fix
-
-
 @dataclass
 class EncodedExample:
     """One tokenized example; labels[i] is input_ids[i] where trained and -100 elsewhere (no shift)."""
@@ -122,244 +89,6 @@ class DataBundle:
                                   "labels": [e.labels for e in examples]})
 
 
-# ----------------------------------------------------------------------------- reading files
-
-
-def _read_rows(path: Path) -> list[tuple[str, Any]]:
-    """(source, row) for each row of a file; a row that cannot be parsed is a `_RowProblem`."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found; check `data.train` / `data.validation` / `data.test`")
-    if path.is_dir():
-        return _read_saved_dataset(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path, path.read_bytes().decode("utf-8", "surrogateescape"))
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        text = path.read_bytes().decode("utf-8", "surrogateescape")
-        rows = csv.DictReader(io.StringIO(text, newline=""))
-        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for damaged files
-            raise DataError(f"{path}: cannot read as Parquet ({exc}); re-export the file") from None
-        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
-    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
-                    "or a directory written by `datasets.Dataset.save_to_disk`")
-
-
-def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
-    """One JSON object per line; blank lines are ignored, line numbers start at 1."""
-    out: list[tuple[str, Any]] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{number}"
-        if _has_bad_bytes(line):
-            out.append((source, _RowProblem("not_utf8", "the line has bytes that are not valid UTF-8",
-                                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")))
-            continue
-        try:
-            out.append((source, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            what = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            out.append((source, _RowProblem("malformed_json", what, "write one JSON object per line")))
-    return out
-
-
-def _read_json(path: Path) -> list[tuple[str, Any]]:
-    """A JSON list of rows or {"data": [...]}; a .json file holding JSON lines is read as JSONL."""
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
-            return _read_jsonl(path, text)
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                        "fix the file (a list of rows, {\"data\": [...]}, or one object per line)") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
-    return [(f"{path}:row {i}", row) for i, row in enumerate(data)]
-
-
-def _read_saved_dataset(path: Path) -> list[tuple[str, Any]]:
-    """A directory written by `datasets.Dataset.save_to_disk`."""
-    from datasets import load_from_disk
-
-    if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        raise DataError(f"{path}: is a DatasetDict with splits {splits}; point the path at one split "
-                        f"directory, e.g. {path / (splits[0] if splits else 'train')}")
-    try:
-        dataset = load_from_disk(str(path))
-    except Exception as exc:  # datasets raises FileNotFoundError or its own errors
-        raise DataError(f"{path}: not a directory written by `Dataset.save_to_disk` ({exc})") from None
-    return [(f"{path}:row {i}", row) for i, row in enumerate(dataset)]
-
-
-def _has_bad_bytes(value: Any) -> bool:
-    """True when a string (anywhere in the value) holds undecodable bytes (surrogateescape)."""
-    if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
-    if isinstance(value, dict):
-        return any(_has_bad_bytes(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_bad_bytes(v) for v in value)
-    return False
-
-
-# ----------------------------------------------------------------------------- rows -> conversations
-
-
-def detect_format(row: Any, cfg: DataConfig) -> str:
-    """The format named in `cfg.format`, or the first one whose fields (after `cfg.columns`) the row has."""
-    if cfg.format != "auto":
-        return cfg.format
-    if isinstance(row, dict):
-        for fmt, fields in FORMAT_FIELDS.items():
-            if all(cfg.columns.get(f, f) in row for f in fields):
-                return fmt
-    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise DataError(f"cannot tell the data format from the first row (keys: {keys}); expected "
-                    "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or `text`. "
-                    "Set `data.format` and map your column names with `data.columns`, "
-                    "e.g. {prompt: question, completion: answer}")
-
-
-def _field(row: dict, name: str, cfg: DataConfig, required: bool = True) -> Any:
-    """The row's value for our field `name`, read under the user's column name."""
-    column = cfg.columns.get(name, name)
-    value = row.get(column)
-    if value is None and required:
-        mapped = f" (mapped from `{name}` by data.columns)" if column != name else ""
-        raise _RowProblem("missing_field", f"the row has no `{column}` field{mapped}",
-                          f"add it, or map your column with `data.columns: {{{name}: <your column>}}`")
-    return value
-
-
-def _text(value: Any, what: str) -> str:
-    """A string field, or a problem naming the type found."""
-    if not isinstance(value, str):
-        found = f"{type(value).__name__} {str(value)[:40]!r}"
-        raise _RowProblem("non_string_content", f"{what} is {found}, not a string", "write it as a string")
-    return value
-
-
-def _message(raw: Any, index: int) -> dict:
-    """One message as {role, content}; accepts role/content and ShareGPT's from/value."""
-    if not isinstance(raw, dict):
-        raise _RowProblem("bad_structure", f"message {index} is {type(raw).__name__}, not an object",
-                          "write each message as {\"role\": ..., \"content\": ...}")
-    role = raw.get("role", raw.get("from"))
-    content = raw.get("content", raw.get("value"))
-    if role is None or content is None:
-        missing = "role" if role is None else "content"
-        raise _RowProblem("missing_field", f"message {index} has no `{missing}`",
-                          "give every message a role and a content (ShareGPT: from and value)")
-    if role not in SHAREGPT_ROLES:
-        raise _RowProblem("unknown_role", f"message {index} has role {role!r}",
-                          "use system, user or assistant (ShareGPT: system, human or gpt)")
-    role = SHAREGPT_ROLES[role]
-    content = _text(content, f"message {index} ({role}) content")
-    if role == "assistant" and not content.strip():
-        raise _RowProblem("empty_response", f"message {index} (assistant) is empty",
-                          "write the response, or remove the row")
-    return {"role": role, "content": content}
-
-
-def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
-    """One row of any format -> a list of {role, content} messages."""
-    if not isinstance(row, dict):
-        raise _RowProblem("bad_structure", f"the row is {type(row).__name__}, not an object",
-                          "write each row as a JSON object")
-    if _has_bad_bytes(row):
-        raise _RowProblem("not_utf8", "the row has bytes that are not valid UTF-8",
-                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
-    if fmt in ("messages", "sharegpt"):
-        raw = _field(row, fmt if fmt == "messages" else "conversations", cfg)
-        if isinstance(raw, str):  # CSV cells hold the list as JSON text
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
-                raise _RowProblem("bad_structure", "the messages cell is not a JSON list",
-                                  "write the messages as a JSON list of {role, content}") from None
-        if not isinstance(raw, list) or not raw:
-            raise _RowProblem("bad_structure", "the messages are not a non-empty list",
-                              "write a JSON list of {role, content} messages")
-        messages = [_message(m, i) for i, m in enumerate(raw)]
-    elif fmt == "alpaca":
-        instruction = _text(_field(row, "instruction", cfg), "`instruction`")
-        extra = _text(_field(row, "input", cfg, required=False) or "", "`input`")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, _message({"role": "assistant",
-                                                                   "content": _field(row, "output", cfg)}, 1)]
-    elif fmt == "prompt_completion":
-        prompt = _text(_field(row, "prompt", cfg), "`prompt`")
-        messages = [{"role": "user", "content": prompt},
-                    _message({"role": "assistant", "content": _field(row, "completion", cfg)}, 1)]
-    else:
-        text = _text(_field(row, "text", cfg), "`text`")
-        if not text.strip():
-            raise _RowProblem("empty_text", "the `text` is empty", "remove the row")
-        return [{"role": TEXT_ROLE, "content": text}]
-    if cfg.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return messages
-
-
-def _problem_lines(problems: list[str]) -> str:
-    """The first problems, one per line, and how many more there are."""
-    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return "\n".join(f"  - {p}" for p in problems[:MAX_LISTED]) + more
-
-
-def _load(path: str | Path, cfg: DataConfig) -> tuple[list[list[dict]], list[str], dict[str, int], str]:
-    """Read and normalise one file; also returns the format used."""
-    rows = _read_rows(Path(path))
-    if not rows:
-        raise DataError(f"{path}: has no rows")
-    first = next((row for _, row in rows if not isinstance(row, _RowProblem)), None)
-    fmt = cfg.format if first is None else detect_format(first, cfg)  # no good row: every row is reported
-    conversations, sources, skipped, problems = [], [], Counter(), []
-    for source, row in rows:
-        try:
-            if isinstance(row, _RowProblem):
-                raise row
-            conversations.append(_normalise(row, fmt, cfg))
-            sources.append(source)
-        except _RowProblem as problem:
-            skipped[problem.reason] += 1
-            problems.append(f"{source}: {problem.what}; fix: {problem.fix}")
-    if problems and cfg.on_bad_rows == "error":
-        raise DataError(f"{len(problems)} bad row(s) in {path} ({fmt} format):\n{_problem_lines(problems)}\n"
-                        f"Fix them, {SKIP_HINT}.")
-    if problems:
-        logger.warning("%s: skipped %d bad row(s): %s", path, len(problems), dict(skipped))
-    return conversations, sources, dict(skipped), fmt
-
-
-def load_conversations(path: str | Path,
-                       cfg: DataConfig) -> tuple[list[list[dict]], list[str], dict[str, int]]:
-    """Read a data file and normalise every row to `[{"role", "content"}, ...]`.
-
-    Returns:
-        The conversations, their sources (file:line or file:row N), and skipped rows counted by reason
-        (only with `on_bad_rows: skip`). Plain-text rows are `[{"role": "text", "content": ...}]`.
-
-    Raises:
-        DataError: naming every bad row's file and line/row, what is wrong and the fix.
-    """
-    conversations, sources, skipped, _ = _load(path, cfg)
-    return conversations, sources, skipped
-
-
 # ----------------------------------------------------------------------------- conversations -> labels
 
 
@@ -409,7 +138,7 @@ def _turn_span(messages: list[dict], i: int, text: str, cursor: int, tokenizer: 
     content = messages[i]["content"].strip()
     start = text.find(content, cursor)
     if start < 0:
-        raise _RowProblem("template_error", f"the chat template changes the text of assistant message {i}",
+        raise RowProblem("template_error", f"the chat template changes the text of assistant message {i}",
                           "set `data.chat_template` to a template that writes assistant messages verbatim")
     end = start + len(content)
     eot = next((s for s in _special_strings(tokenizer) if text.startswith(s, end)), "")
@@ -438,7 +167,7 @@ def _encode_chat(messages: list[dict], tokenizer: Any,
     try:
         text = _render(tokenizer, messages, template)
     except Exception as exc:  # jinja raises TemplateError and others from raise_exception()
-        raise _RowProblem("template_error", f"the chat template rejected the conversation ({exc})",
+        raise RowProblem("template_error", f"the chat template rejected the conversation ({exc})",
                           "fix the roles (alternate user/assistant) or set `data.chat_template`") from None
     # The template decides the special tokens (BOS included), as in transformers and TRL: adding the
     # tokenizer's own would double BOS for Llama/Mistral-style tokenizers.
@@ -492,7 +221,7 @@ def encode_conversation(messages: list[dict], tokenizer: Any, cfg: DataConfig,
             ids, labels, lengths, merges = _encode_text(messages[0]["content"], tokenizer)
         else:
             ids, labels, lengths, merges = _encode_chat(messages, tokenizer, cfg)
-    except _RowProblem as problem:
+    except RowProblem as problem:
         raise DataError(f"{source}: {problem.what}; fix: {problem.fix}", reason=problem.reason) from None
     full_length, limit = len(ids), cfg.max_seq_length
     if full_length > limit:
@@ -554,7 +283,7 @@ def ensure_pad_token(tokenizer: Any) -> bool:
     return True
 
 
-def _data_paths(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
+def data_paths(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
     """Train, validation and test files; with no `data.train`, the bundled dataset's files."""
     if cfg.train is not None:
         return (Path(cfg.train), Path(cfg.validation) if cfg.validation else None,
@@ -618,8 +347,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False
         DataError: bad rows (with `on_bad_rows: error`), over-long rows (with `too_long: error`), or
             a missing template; every problem is listed in one message.
     """
-    train_path, validation_path, test_path = _data_paths(cfg)
-    train, train_sources, skipped, fmt = _load(train_path, cfg)
+    train_path, validation_path, test_path = data_paths(cfg)
+    train, train_sources, skipped, fmt = load_file(train_path, cfg)
     stats = DataStats(rows=len(train) + sum(skipped.values()), skipped_bad_rows=dict(skipped))
     if fmt != "text":
         template = _chat_template(tokenizer, cfg)
@@ -632,7 +361,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False
             tokenizer.chat_template = template
     validation = validation_sources = None
     if validation_path is not None:
-        validation, validation_sources, val_skipped, _ = _load(validation_path, cfg)
+        validation, validation_sources, val_skipped, _ = load_file(validation_path, cfg)
         stats.rows += len(validation) + sum(val_skipped.values())
         stats.skipped_bad_rows = dict(Counter(stats.skipped_bad_rows) + Counter(val_skipped))
     elif cfg.validation_split:
@@ -644,11 +373,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False
     if validation is not None:
         validation_examples = _encode_all(validation, validation_sources, tokenizer, cfg, stats, problems)
     if problems:
-        raise DataError(f"{len(problems)} example(s) cannot be encoded:\n{_problem_lines(problems)}")
+        raise DataError(f"{len(problems)} example(s) cannot be encoded:\n{problem_lines(problems)}")
     if not train_examples:
         raise DataError(f"{train_path}: no example is left to train on ({stats.to_dict()}); "
                         "check `data.train_on`, `data.max_seq_length` and the data")
-    test_rows = _load(test_path, cfg)[0] if test_path is not None else None
+    test_rows = load_file(test_path, cfg)[0] if test_path is not None else None
     return DataBundle(train_examples, validation_examples, test_rows, stats, fmt)
 
 

@@ -111,7 +111,7 @@ def _is_json_object(text: str) -> bool:
 
 def test_conversations(cfg: Config) -> list[list[dict]]:
     """The test split's conversations: `data.test`, or the bundled test split with the bundled data."""
-    from tunewise.data import DataError, load_conversations
+    from tunewise.formats import DataError, load_conversations
     from tunewise.task import bundled_data_dir
 
     if cfg.data.test:
@@ -250,9 +250,10 @@ def judge_memorization(sets: dict[str, dict[str, float]]) -> tuple[bool, str]:
 
 def _heldout_conversations(cfg: Config) -> list[list[dict]]:
     """Validation conversations (file or split), else the test split."""
-    from tunewise.data import _data_paths, load_conversations, split_validation
+    from tunewise.data import data_paths, split_validation
+    from tunewise.formats import load_conversations
 
-    train_path, validation_path, _ = _data_paths(cfg.data)
+    train_path, validation_path, _ = data_paths(cfg.data)
     if validation_path is not None:
         return load_conversations(validation_path, cfg.data)[0]
     if cfg.data.validation_split:
@@ -263,9 +264,10 @@ def _heldout_conversations(cfg: Config) -> list[list[dict]]:
 
 def _train_conversations(cfg: Config) -> list[list[dict]]:
     """Training conversations as the run trained on them (without a validation_split part)."""
-    from tunewise.data import _data_paths, load_conversations, split_validation
+    from tunewise.data import data_paths, split_validation
+    from tunewise.formats import load_conversations
 
-    rows = load_conversations(_data_paths(cfg.data)[0], cfg.data)[0]
+    rows = load_conversations(data_paths(cfg.data)[0], cfg.data)[0]
     if cfg.data.validation is None and cfg.data.validation_split:
         rows = split_validation(rows, cfg.data.validation_split, cfg.data.seed)[0]
     return rows
@@ -326,7 +328,7 @@ def prompt_conversations(cfg: Config, prompts: list[str]) -> list[list[dict]]:
 def conversations_from_file(cfg: Config, path: Path) -> list[list[dict]]:
     """Prompts from a file: a data file (.jsonl/.json/.csv/.parquet, any supported format; the prompt is
     each row up to its last assistant turn) or plain text with one prompt per line."""
-    from tunewise.data import DataError, load_conversations
+    from tunewise.formats import DataError, load_conversations
 
     if not path.is_file():
         raise DataError(f"`{path}`: no such file; pass a text file with one prompt per line or a data file")

@@ -1,0 +1,289 @@
+"""Data files -> conversations: read rows from any supported file and normalise each to messages.
+
+Rows come from JSONL, JSON, CSV, Parquet or a `save_to_disk` directory in one of five formats
+(OpenAI messages, ShareGPT, Alpaca, prompt/completion, plain text) and are normalised to a list of
+`{"role", "content"}` messages. Plain text rows become one message with the marker role `"text"`.
+A bad row is a `RowProblem` (reason, what, fix); a file's bad rows raise one `DataError` naming every
+file and line, or are skipped and counted with `on_bad_rows: skip`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tunewise.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", **{role: role for role in ROLES}}
+TEXT_ROLE = "text"  # marker role of plain-text rows: no chat template, every token trained
+FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them in this order)
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+MAX_LISTED = 10  # problems listed in one DataError
+SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
+
+
+class DataError(Exception):
+    """Data that cannot be trained on; the message names the file and line (or row), the problem, the fix."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason  # the bad-row reason when one row is at fault (e.g. "template_error")
+
+
+class RowProblem(Exception):
+    """One bad row: a reason key for the skip counts, what is wrong, and the fix."""
+
+    def __init__(self, reason: str, what: str, fix: str):
+        super().__init__(what)
+        self.reason, self.what, self.fix = reason, what, fix
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
+    """(source, row) for each row of a file; a row that cannot be parsed is a `RowProblem`."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check `data.train` / `data.validation` / `data.test`")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path, path.read_bytes().decode("utf-8", "surrogateescape"))
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+        rows = csv.DictReader(io.StringIO(text, newline=""))
+        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise DataError(f"{path}: cannot read as Parquet ({exc}); re-export the file") from None
+        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
+                    "or a directory written by `datasets.Dataset.save_to_disk`")
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
+    """One JSON object per line; blank lines are ignored, line numbers start at 1."""
+    out: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        if _has_bad_bytes(line):
+            out.append((source, RowProblem("not_utf8", "the line has bytes that are not valid UTF-8",
+                                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")))
+            continue
+        try:
+            out.append((source, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            what = f"not valid JSON ({exc.msg} at column {exc.colno})"
+            out.append((source, RowProblem("malformed_json", what, "write one JSON object per line")))
+    return out
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """A JSON list of rows or {"data": [...]}; a .json file holding JSON lines is read as JSONL."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return _read_jsonl(path, text)
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "fix the file (a list of rows, {\"data\": [...]}, or one object per line)") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows or {{\"data\": [...]}}, "
+                        f"got {type(data).__name__}")
+    return [(f"{path}:row {i}", row) for i, row in enumerate(data)]
+
+
+def _read_saved_dataset(path: Path) -> list[tuple[str, Any]]:
+    """A directory written by `datasets.Dataset.save_to_disk`."""
+    from datasets import load_from_disk
+
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path}: is a DatasetDict with splits {splits}; point the path at one split "
+                        f"directory, e.g. {path / (splits[0] if splits else 'train')}")
+    try:
+        dataset = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError or its own errors
+        raise DataError(f"{path}: not a directory written by `Dataset.save_to_disk` ({exc})") from None
+    return [(f"{path}:row {i}", row) for i, row in enumerate(dataset)]
+
+
+def _has_bad_bytes(value: Any) -> bool:
+    """True when a string (anywhere in the value) holds undecodable bytes (surrogateescape)."""
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_bad_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_bad_bytes(v) for v in value)
+    return False
+
+
+# ----------------------------------------------------------------------------- rows -> conversations
+
+
+def detect_format(row: Any, cfg: DataConfig) -> str:
+    """The format named in `cfg.format`, or the first one whose fields (after `cfg.columns`) the row has."""
+    if cfg.format != "auto":
+        return cfg.format
+    if isinstance(row, dict):
+        for fmt, fields in FORMAT_FIELDS.items():
+            if all(cfg.columns.get(f, f) in row for f in fields):
+                return fmt
+    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"cannot tell the data format from the first row (keys: {keys}); expected "
+                    "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or `text`. "
+                    "Set `data.format` and map your column names with `data.columns`, "
+                    "e.g. {prompt: question, completion: answer}")
+
+
+def _field(row: dict, name: str, cfg: DataConfig, required: bool = True) -> Any:
+    """The row's value for our field `name`, read under the user's column name."""
+    column = cfg.columns.get(name, name)
+    value = row.get(column)
+    if value is None and required:
+        mapped = f" (mapped from `{name}` by data.columns)" if column != name else ""
+        raise RowProblem("missing_field", f"the row has no `{column}` field{mapped}",
+                          f"add it, or map your column with `data.columns: {{{name}: <your column>}}`")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    """A string field, or a problem naming the type found."""
+    if not isinstance(value, str):
+        found = f"{type(value).__name__} {str(value)[:40]!r}"
+        raise RowProblem("non_string_content", f"{what} is {found}, not a string", "write it as a string")
+    return value
+
+
+def _message(raw: Any, index: int) -> dict:
+    """One message as {role, content}; accepts role/content and ShareGPT's from/value."""
+    if not isinstance(raw, dict):
+        raise RowProblem("bad_structure", f"message {index} is {type(raw).__name__}, not an object",
+                          "write each message as {\"role\": ..., \"content\": ...}")
+    role = raw.get("role", raw.get("from"))
+    content = raw.get("content", raw.get("value"))
+    if role is None or content is None:
+        missing = "role" if role is None else "content"
+        raise RowProblem("missing_field", f"message {index} has no `{missing}`",
+                          "give every message a role and a content (ShareGPT: from and value)")
+    if role not in SHAREGPT_ROLES:
+        raise RowProblem("unknown_role", f"message {index} has role {role!r}",
+                          "use system, user or assistant (ShareGPT: system, human or gpt)")
+    role = SHAREGPT_ROLES[role]
+    content = _text(content, f"message {index} ({role}) content")
+    if role == "assistant" and not content.strip():
+        raise RowProblem("empty_response", f"message {index} (assistant) is empty",
+                          "write the response, or remove the row")
+    return {"role": role, "content": content}
+
+
+def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
+    """One row of any format -> a list of {role, content} messages."""
+    if not isinstance(row, dict):
+        raise RowProblem("bad_structure", f"the row is {type(row).__name__}, not an object",
+                          "write each row as a JSON object")
+    if _has_bad_bytes(row):
+        raise RowProblem("not_utf8", "the row has bytes that are not valid UTF-8",
+                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+    if fmt in ("messages", "sharegpt"):
+        raw = _field(row, fmt if fmt == "messages" else "conversations", cfg)
+        if isinstance(raw, str):  # CSV cells hold the list as JSON text
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raise RowProblem("bad_structure", "the messages cell is not a JSON list",
+                                  "write the messages as a JSON list of {role, content}") from None
+        if not isinstance(raw, list) or not raw:
+            raise RowProblem("bad_structure", "the messages are not a non-empty list",
+                              "write a JSON list of {role, content} messages")
+        messages = [_message(m, i) for i, m in enumerate(raw)]
+    elif fmt == "alpaca":
+        instruction = _text(_field(row, "instruction", cfg), "`instruction`")
+        extra = _text(_field(row, "input", cfg, required=False) or "", "`input`")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, _message({"role": "assistant",
+                                                                   "content": _field(row, "output", cfg)}, 1)]
+    elif fmt == "prompt_completion":
+        prompt = _text(_field(row, "prompt", cfg), "`prompt`")
+        messages = [{"role": "user", "content": prompt},
+                    _message({"role": "assistant", "content": _field(row, "completion", cfg)}, 1)]
+    else:
+        text = _text(_field(row, "text", cfg), "`text`")
+        if not text.strip():
+            raise RowProblem("empty_text", "the `text` is empty", "remove the row")
+        return [{"role": TEXT_ROLE, "content": text}]
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def problem_lines(problems: list[str]) -> str:
+    """The first problems, one per line, and how many more there are."""
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return "\n".join(f"  - {p}" for p in problems[:MAX_LISTED]) + more
+
+
+def load_file(path: str | Path, cfg: DataConfig) -> tuple[list[list[dict]], list[str], dict[str, int], str]:
+    """Read and normalise one file; also returns the format used."""
+    rows = _read_rows(Path(path))
+    if not rows:
+        raise DataError(f"{path}: has no rows")
+    first = next((row for _, row in rows if not isinstance(row, RowProblem)), None)
+    fmt = cfg.format if first is None else detect_format(first, cfg)  # no good row: every row is reported
+    conversations, sources, skipped, problems = [], [], Counter(), []
+    for source, row in rows:
+        try:
+            if isinstance(row, RowProblem):
+                raise row
+            conversations.append(_normalise(row, fmt, cfg))
+            sources.append(source)
+        except RowProblem as problem:
+            skipped[problem.reason] += 1
+            problems.append(f"{source}: {problem.what}; fix: {problem.fix}")
+    if problems and cfg.on_bad_rows == "error":
+        raise DataError(f"{len(problems)} bad row(s) in {path} ({fmt} format):\n{problem_lines(problems)}\n"
+                        f"Fix them, {SKIP_HINT}.")
+    if problems:
+        logger.warning("%s: skipped %d bad row(s): %s", path, len(problems), dict(skipped))
+    return conversations, sources, dict(skipped), fmt
+
+
+def load_conversations(path: str | Path,
+                       cfg: DataConfig) -> tuple[list[list[dict]], list[str], dict[str, int]]:
+    """Read a data file and normalise every row to `[{"role", "content"}, ...]`.
+
+    Returns:
+        The conversations, their sources (file:line or file:row N), and skipped rows counted by reason
+        (only with `on_bad_rows: skip`). Plain-text rows are `[{"role": "text", "content": ...}]`.
+
+    Raises:
+        DataError: naming every bad row's file and line/row, what is wrong and the fix.
+    """
+    conversations, sources, skipped, _ = load_file(path, cfg)
+    return conversations, sources, skipped
