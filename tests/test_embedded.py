@@ -73,3 +73,23 @@ def test_lora_trains_the_real_model_for_two_steps(tmp_path):
     assert all(0 < r["loss"] < 5 for r in steps)  # a real instruct model on real text, not a random one
     samples = json.loads((result.run_dir / "samples.json").read_text())
     assert samples and all(s["base"] for s in samples)  # the real model says something
+
+
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
+    """`make demo`'s path (check, base eval, train, tuned eval, doctor) on the real model, 2 steps."""
+    from tunewise import cli
+
+    data = write_subset(tmp_path / "data", n_val=8, n_test=3)
+    runs = tmp_path / "runs"
+    argv = ["demo", "--quiet", f"output_dir={runs}", "training.max_steps=2", "training.eval_steps=2",
+            "training.save_steps=2", "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=1", f"data.validation={data['validation']}",
+            f"data.test={data['test']}"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2/5 check" in out and "5/5 tuned model on the test split" in out
+    assert "doctor:" in out and "verdict:" in out and "exact match: base" in out
+    (run_dir,) = [d for d in runs.iterdir() if d.is_dir()]
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["base"]["n"] == evaluation["tuned"]["n"] == 3
+    assert (run_dir / "report.html").is_file() and (run_dir / "adapter").is_dir()

@@ -201,7 +201,7 @@ def local_ray():
 
 
 def test_ray_backend_runs_trials_as_tune_trials_records_a_crash_and_resumes(
-    local_ray, tiny_model_dir, small_data, tmp_path
+    local_ray, tiny_model_dir, small_data, tmp_path, capfd
 ) -> None:
     spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, {"adapter.alpha": 16}),
                      grid={"adapter.target_modules": ["all-linear", "[nope_proj]"]}, max_steps=2,
@@ -209,6 +209,7 @@ def test_ray_backend_runs_trials_as_tune_trials_records_a_crash_and_resumes(
     events: list[tuple[str, str]] = []
     result = run_sweep(spec, on_trial=lambda event, trial: events.append((event, trial.name)))
     assert local_ray.is_initialized()  # the backend started a local Ray instance itself
+    assert capfd.readouterr().out == ""  # Ray and Tune print nothing on stdout (`sweep --json` owns it)
     ok, crashed = result.trials
     assert ok.status == "completed" and ok.params["adapter.target_modules"] == "all-linear"
     assert ok.global_step == 2 and math.isfinite(ok.val_loss)

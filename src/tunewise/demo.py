@@ -61,10 +61,9 @@ def run_demo(
     finally:
         progress.end()
     losses = _losses(result.run_dir)
-    say(
-        f"    {result.status}: loss at step 10 {losses.get(10, float('nan')):.4f}, at the end (step "
-        f"{max(losses, default=0)}) {losses.get(max(losses, default=0), float('nan')):.4f}"
-    )
+    last = max(losses, default=0)
+    at_10 = f"loss at step 10 {losses[10]:.4f}, " if 10 in losses and last > 10 else ""
+    say(f"    {result.status}: {at_10}loss at the end (step {last}) {losses.get(last, float('nan')):.4f}")
     say("5/5 tuned model on the test split")
     tuned = evaluate(cfg, result.run_dir)
     print_eval(tuned)

@@ -229,8 +229,11 @@ def plot_lr_find(result: LRFindResult, path: Path) -> None:
     ax.set_xscale("log")
     finite = [x for x in result.smoothed if math.isfinite(x)]
     if finite:
-        # from the minimum to the start of the curve (or 4x the minimum, if higher): the drop stays in view
-        low, high = min(finite), min(max(finite), max(finite[0], DIVERGE_FACTOR * min(finite)))
+        # from the lowest raw loss to the start of the curve (or 4x the smoothed minimum, if higher):
+        # the whole drop stays in view, the blow-up past the minimum is cut off
+        raw_low = min((x for x in result.losses if math.isfinite(x)), default=min(finite))
+        low = min(min(finite), raw_low)
+        high = min(max(finite), max(finite[0], DIVERGE_FACTOR * min(finite)))
         pad = 0.1 * (high - low) or 0.01 * abs(low) or 0.1
         ax.set_ylim(low - pad, high + pad)
     ax.set(xlabel="learning rate", ylabel="loss", title="learning-rate range test")

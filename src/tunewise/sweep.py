@@ -17,6 +17,7 @@ curves.png (every trial's curves) and best.yaml (the winner's resolved config, f
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import itertools
 import json
@@ -331,7 +332,8 @@ def _run_ray(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
                                   storage_path=str(sweep_dir / "ray"),
                                   callbacks=[_tune_reporter(on_start, on_done)], verbose=0),
     )
-    tuner.fit()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune prints its tables; stdout is for `sweep --json`
+        tuner.fit()
 
 
 def _tune_trial(config: dict[str, Any], jobs: list[TrialJob]) -> dict[str, Any]:
