@@ -136,7 +136,7 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
         in_step = lambda: trainer.state.global_step + 1 in watched  # noqa: E731 (before the step's end)
         after_step = lambda: trainer.state.global_step in watched  # noqa: E731 (at the step's end)
         for name, active in (("on_pre_optimizer_step", in_step), ("on_step_end", after_step)):
-            setattr(monitor, name, _gate(clock.wrap(getattr(monitor, name)), active))
+            setattr(monitor, name, _switch(active, clock.wrap(getattr(monitor, name))))
         monitor.on_train_end = clock.wrap(monitor.on_train_end)
         trainer.add_callback(monitor)
         _time_watched_hooks(trainer, clock, in_step)
@@ -157,11 +157,11 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def _gate(fn, active):
-    """Call `fn` only while `active()` (a callback event on a step that is not monitored does nothing)."""
-    def gated(*args, **kwargs):
-        return fn(*args, **kwargs) if active() else None
-    return gated
+def _switch(active, watched, plain=lambda *args, **kwargs: None):
+    """Call `watched` while `active()` (a monitored step), else `plain` (by default: do nothing)."""
+    def run(*args, **kwargs):
+        return (watched if active() else plain)(*args, **kwargs)
+    return run
 
 
 def _time_watched_hooks(trainer, clock: Clock, active) -> None:
@@ -190,15 +190,10 @@ def _time_watched_hooks(trainer, clock: Clock, active) -> None:
                 clock.inside += (time.perf_counter() - start) - (inner.inside - before_inner)
         return run
 
-    def choose(watched, plain):
-        def run(*args, **kwargs):
-            return (watched if active() else plain)(*args, **kwargs)
-        return run
-
     # The Trainer's methods are timed on the class while this trainer runs; main() puts them back after.
     Trainer.training_step, Trainer._get_grad_norm = timed_base_step, timed_base_norm
-    trainer.training_step = choose(extra(outer_step), lambda *a, **k: base_step(trainer, *a, **k))
-    trainer._get_grad_norm = choose(extra(outer_norm), lambda *a, **k: base_norm(trainer, *a, **k))
+    trainer.training_step = _switch(active, extra(outer_step), lambda *a, **k: base_step(trainer, *a, **k))
+    trainer._get_grad_norm = _switch(active, extra(outer_norm), lambda *a, **k: base_norm(trainer, *a, **k))
 
 
 MODELS = {

@@ -62,7 +62,6 @@ def num(x: float | None) -> str:
 
 def fmt_lr(x: float | None) -> str:
     """A learning rate as `2.0e-05`: always with a dot, since PyYAML reads `2e-05` as a string."""
-    # Always with a dot: PyYAML reads `2e-05` as a string but `2.0e-05` as a number.
     return "n/a" if x is None else f"{x:.1e}"
 
 

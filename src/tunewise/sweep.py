@@ -280,15 +280,20 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             "seconds": round(time.time() - started, 2)}
 
 
-def _trial_env(workers: int) -> dict[str, str]:
-    """The parent's environment with threads split between the parallel trials."""
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+def _trial_env(spec: SweepSpec) -> dict[str, str]:
+    """The parent's environment with the trial's threads: the CPUs a Ray trial holds, or this machine's
+    CPUs split between the parallel local trials (unless OMP_NUM_THREADS is set)."""
+    if spec.backend == "ray":
+        threads = str(max(1, int(spec.ray_resources.get("cpu", 1))))
+    else:
+        split = max(1, (os.cpu_count() or 1) // max(spec.workers, 1))
+        threads = os.environ.get("OMP_NUM_THREADS") or str(split)
     return dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
 
 
 def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], None],
              on_done: Callable[[int, dict[str, Any]], None]) -> None:
-    """Run the jobs `workers` at a time as local processes, or as Ray tasks; report each as it ends."""
+    """Run the jobs `workers` at a time as local processes, or as Ray Tune trials; report each as it ends."""
     if not jobs:
         return
     if spec.backend == "ray":
@@ -321,8 +326,6 @@ def _run_ray(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
     if not ray.is_initialized():
         ray.init(address=spec.ray_address, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False)
-    threads = str(max(1, int(spec.ray_resources.get("cpu", 1))))
-    jobs = [TrialJob(j.command, j.run_dir, dict(j.env, OMP_NUM_THREADS=threads)) for j in jobs]
     sweep_dir = Path(jobs[0].run_dir).resolve().parent
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_tune_trial, jobs=jobs), dict(spec.ray_resources)),
@@ -467,11 +470,11 @@ def advance(spec: SweepSpec, trials: list[Trial], target: int, eval_every: int,
     """
     todo = [t for t in trials
             if t.status not in FINAL_STATUSES and not (t.status == "stopped" and t.global_step >= target)]
-    jobs = []
+    env, jobs = _trial_env(spec), []
     for trial in todo:
         resume = _prepare_rerun(trial) if trial.run_dir.exists() else False
         command = trial_command(spec, trial, eval_every, target, resume)
-        jobs.append(TrialJob(command, str(trial.run_dir), _trial_env(spec.workers)))
+        jobs.append(TrialJob(command, str(trial.run_dir), env))
 
     def started(index: int) -> None:
         if on_trial:
