@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.config import DataConfig
+from tunewise.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,6 @@ FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them i
 }
 MAX_LISTED = 10  # problems listed in one DataError
 SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
-
-
-class DataError(Exception):
-    """Data that cannot be trained on; the message names the file and line (or row), the problem, the fix."""
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason  # the bad-row reason when one row is at fault (e.g. "template_error")
 
 
 class RowProblem(Exception):

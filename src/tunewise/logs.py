@@ -17,14 +17,12 @@ from typing import Any
 
 import yaml
 
+from tunewise.errors import DoctorError
+
 logger = logging.getLogger(__name__)
 
 EXPECTED = ("expected a tunewise run directory (metrics.jsonl), a Trainer output_dir (trainer_state.json "
             "or checkpoint-*/trainer_state.json), a trainer_state.json file or TensorBoard event files")
-
-
-class DoctorError(Exception):
-    """Logs are missing or unreadable; the message names the file (and line) and what was expected."""
 
 
 @dataclass

@@ -1,0 +1,193 @@
+"""The run directory as code: its file names, result.json, the JSONL logs and the checkpoints.
+
+The run directory is the interface between stages (docs/architecture.md, "The run directory"):
+training and sweeps write it, `doctor`, `report`, `eval` and `sweep` read it back. Every module
+names its files through the constants here and reads and writes them through these functions, so
+there is one tolerant reader of metrics.jsonl and findings.jsonl. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunewise.errors import DoctorError
+
+if TYPE_CHECKING:
+    from tunewise.config import Config
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"  # the resolved config, every default filled in
+PLAN = "plan.json"  # steps, warmup, cadence, memory estimate, hardware choices, data counts
+CHECK = "check.json"  # the pre-flight checklist
+METRICS = "metrics.jsonl"  # one object per optimizer step ("type": "train") and per evaluation ("eval")
+FINDINGS = "findings.jsonl"  # one object per doctor finding, as they happened
+RESULT = "result.json"  # status, final numbers, error text
+SAMPLES = "samples.json"  # a few validation prompts: base vs tuned generations
+EVAL = "eval.json"  # `tunewise eval` (and the demo): exact match on the test split
+MEMORIZATION = "memorization.json"  # `tunewise eval --memorization`
+REPORT = "report.html"
+TENSORBOARD = "tensorboard"  # event files
+ADAPTER, FULL_MODEL = "adapter", "model"  # the final adapter, or the model of a full fine-tune
+CHECKPOINT_PREFIX = "checkpoint-"  # Trainer checkpoints: checkpoint-<step>/
+
+
+@dataclass
+class RunResult:
+    """The outcome of a training run, written to result.json."""
+
+    run_dir: Path
+    status: str  # completed | stopped | failed | diverged
+    global_step: int = 0
+    error: str | None = None
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """runs/<name>/, created; the name defaults to <method>-<time> and is written back to `cfg.name`."""
+    name = cfg.name or f"{cfg.model.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    cfg.name = name
+    run_dir = Path(cfg.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_result(result: RunResult, started: float) -> None:
+    """result.json: status, error, steps, start time and duration, then the run's final numbers."""
+    data = {
+        "status": result.status,
+        "error": result.error,
+        "global_step": result.global_step,
+        "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - started, 2),
+        "run_dir": str(result.run_dir),
+        **result.numbers,
+    }
+    write_json(result.run_dir / RESULT, data)
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Indented JSON with a final newline; values JSON cannot hold are written as their str()."""
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, problems: list[str] | None = None) -> Any:
+    """The JSON value in a file; None when the file is missing or not valid JSON.
+
+    Args:
+        path: the file.
+        problems: when given, a file that exists but cannot be read is described here, in words.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if problems is not None:
+            problems.append(f"{path.name} is not valid JSON ({exc})")
+        return None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small JSON object tunewise wrote (result.json, plan.json, ...); {} when missing or unreadable."""
+    data = read_json(path)
+    if data is not None and not isinstance(data, dict):
+        logger.warning("%s: not a JSON object; ignoring it", path)
+    return data if isinstance(data, dict) else {}
+
+
+# ----------------------------------------------------------------------------- JSONL logs
+
+
+def read_jsonl(path: Path, strict: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each JSON object line of a JSONL log; a missing file has none.
+
+    A last line cut off mid-write (a killed process) is ignored with a warning. Other lines that are
+    not JSON objects are skipped, or, with `strict`, raise DoctorError naming file:line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines) and not text.endswith("\n"):  # a writer stopped mid-line
+                logger.warning("%s:%d: ignoring the cut-off last line", path, lineno)
+                return
+            if strict:
+                raise DoctorError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "expected one JSON object per line"
+                ) from None
+            continue
+        if isinstance(obj, dict):
+            yield lineno, obj
+        elif strict:
+            raise DoctorError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append one JSON object per line (NaN stays NaN)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace a JSONL log with these records."""
+    Path(path).write_text("".join(json.dumps(r, default=str) + "\n" for r in records), encoding="utf-8")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl, in order; lines a killed process left unreadable are skipped."""
+    return [record for _, record in read_jsonl(Path(run_dir) / METRICS)]
+
+
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-optimizer-step records among metrics.jsonl records."""
+    return [r for r in records if r.get("type", "train") == "train" and "step" in r]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `checkpoint-N` directory name; None for any other name."""
+    suffix = Path(path).name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    """Every checkpoint-N directory of a run (or Trainer output directory), by step."""
+    found = {}
+    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = checkpoint_step(path)
+        if step is not None and path.is_dir():
+            found[step] = path
+    return found
+
+
+def latest_checkpoint(run_dir: Path, before: int | None = None) -> Path | None:
+    """The checkpoint-N with the highest N (below `before` when given) that has a trainer_state.json."""
+    found = [
+        (step, path)
+        for step, path in checkpoints(run_dir).items()
+        if (path / "trainer_state.json").is_file() and (before is None or step < before)
+    ]
+    return max(found)[1] if found else None
