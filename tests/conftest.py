@@ -16,14 +16,18 @@ os.environ.setdefault("TUNEWISE_CACHE", str(Path(__file__).parent.parent / ".cac
 
 
 def make_tiny_model(directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2", seed: int = 0) -> Path:
-    """Save a 2-layer Llama (hidden 32) with the given tokenizer so `model.name=<directory>` loads it."""
+    """Save a 2-layer Llama (hidden 64) with the given tokenizer so `model.name=<directory>` loads it.
+
+    Every linear layer is a multiple of 64 wide and 32 tall: the shapes every bitsandbytes 4-bit
+    backend takes (the AVX512-BF16 CPU layout needs both; test_quantization.py proves narrower ones are caught).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -29,6 +29,7 @@ NAMES = {  # item id -> what it asks, in the order of the checklist
     "trainable_examples": "examples with trained tokens",
     "sequence_length": "max_seq_length covers the responses",
     "precision": "precision fits the hardware",
+    "quantization": "4-bit layers fit the backend",
     "gradient_checkpointing": "gradient checkpointing",
     "warmup": "learning-rate warmup",
     "clipping": "gradient clipping",
@@ -84,8 +85,13 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
-        return {"failed": self.failed, "counts": self.counts(),
-                "items": [dataclasses.asdict(i) for i in self.items], "plan": self.plan, "data": self.data}
+        return {
+            "failed": self.failed,
+            "counts": self.counts(),
+            "items": [dataclasses.asdict(i) for i in self.items],
+            "plan": self.plan,
+            "data": self.data,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckReport:
@@ -93,8 +99,9 @@ class CheckReport:
         return cls([CheckItem(**i) for i in data["items"]], data["plan"], data["data"])
 
 
-def _item(item_id: str, status: Status, detail: str, numbers: dict[str, Any] | None = None,
-          fix: str | None = None) -> CheckItem:
+def _item(
+    item_id: str, status: Status, detail: str, numbers: dict[str, Any] | None = None, fix: str | None = None
+) -> CheckItem:
     return CheckItem(item_id, NAMES[item_id], status, detail, numbers or {}, fix)
 
 
@@ -113,7 +120,7 @@ class _Prepared:
 def _prepare(cfg: Config, processes: int) -> _Prepared:
     """Tokenizer, pad token, data and plan, in the order `train` builds them."""
     from tunewise.data import build_datasets, ensure_pad_token
-    from tunewise.model import load_tokenizer, resolve_hardware
+    from tunewise.model import load_tokenizer, quantized_layers, resolve_hardware
     from tunewise.plan import plan_run
 
     tokenizer = load_tokenizer(cfg)
@@ -124,6 +131,11 @@ def _prepare(cfg: Config, processes: int) -> _Prepared:
     longest = max((len(e.input_ids) for e in bundle.train), default=0)
     plan = plan_run(cfg, len(bundle.train), len(bundle.validation or []), processes, hw=hw, longest=longest)
     plan["data"] = bundle.stats.to_dict()
+    layers = quantized_layers(cfg, hw.device)
+    if layers is not None:
+        plan["quantization"] = dataclasses.asdict(layers) | {
+            "problem": layers.message() if layers.unsupported else None
+        }
     return _Prepared(tokenizer, bundle, hw, plan, pad_before, pad_added)
 
 
@@ -186,8 +198,9 @@ def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
     return out
 
 
-def _full_lengths(cfg: Config, bundle: Any, conversations: dict[str, list[dict]],
-                  tokenizer: Any) -> list[int]:
+def _full_lengths(
+    cfg: Config, bundle: Any, conversations: dict[str, list[dict]], tokenizer: Any
+) -> list[int]:
     """Tokens of every example before truncation, the ones left out (no trained token, dropped) included."""
     from tunewise.data import encode_conversation
     from tunewise.formats import DataError
@@ -217,9 +230,10 @@ def _end_of_turn_id(tokenizer: Any, cfg: Config, fmt: str) -> int | None:
         text = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=cfg.data.chat_template)
     except Exception:  # a template with unusual requirements: fall back to EOS
         return tokenizer.eos_token_id
-    rest = text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER):].lstrip(" ")
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len,
-                      reverse=True)
+    rest = text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER) :].lstrip(" ")
+    specials = sorted(
+        {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True
+    )
     token = next((s for s in specials if rest.startswith(s)), None)
     return tokenizer.convert_tokens_to_ids(token) if token else tokenizer.eos_token_id
 
@@ -232,12 +246,19 @@ def _trainable_item(bundle: Any, length_fix: str | None) -> CheckItem:
     trainable, none = len(bundle.train), stats.no_trained_tokens
     total = stats.encoded + none
     share = _pct(none, total)
-    numbers = {"trainable_train_examples": trainable, "no_trained_tokens": none, "examples": total,
-               "percent_without": round(share, 2), "sources": stats.no_trained_sources}
+    numbers = {
+        "trainable_train_examples": trainable,
+        "no_trained_tokens": none,
+        "examples": total,
+        "percent_without": round(share, 2),
+        "sources": stats.no_trained_sources,
+    }
     detail = f"{trainable} training examples have trained tokens"
     if none:
-        detail += (f"; {none} of {total} examples ({share:.1f}%) have none and are left out: "
-                   f"{_listed(stats.no_trained_sources)}")
+        detail += (
+            f"; {none} of {total} examples ({share:.1f}%) have none and are left out: "
+            f"{_listed(stats.no_trained_sources)}"
+        )
     status: Status = "PASS"
     if trainable < MIN_TRAINABLE or share > 10:
         status = "FAIL"
@@ -259,12 +280,23 @@ def _length_item(cfg: Config, bundle: Any, lengths: list[int]) -> CheckItem:
     p50, p95, p99 = (_percentile(lengths, p) for p in (50, 95, 99))
     longest = lengths[-1] if lengths else 0
     covering = max(64, math.ceil(p99 / 64) * 64)
-    numbers = {"max_seq_length": limit, "examples": total, "responses_cut": stats.response_cut,
-               "dropped_too_long": stats.dropped_too_long, "truncated": stats.truncated,
-               "percent_cut": round(share, 2), "p50": p50, "p95": p95, "p99": p99, "max": longest,
-               "covers_99_percent": covering}
-    detail = (f"max_seq_length {limit}; example lengths p50 {p50}, p95 {p95}, p99 {p99}, max {longest} "
-              f"tokens; {stats.response_cut} responses cut")
+    numbers = {
+        "max_seq_length": limit,
+        "examples": total,
+        "responses_cut": stats.response_cut,
+        "dropped_too_long": stats.dropped_too_long,
+        "truncated": stats.truncated,
+        "percent_cut": round(share, 2),
+        "p50": p50,
+        "p95": p95,
+        "p99": p99,
+        "max": longest,
+        "covers_99_percent": covering,
+    }
+    detail = (
+        f"max_seq_length {limit}; example lengths p50 {p50}, p95 {p95}, p99 {p99}, max {longest} "
+        f"tokens; {stats.response_cut} responses cut"
+    )
     if stats.dropped_too_long:
         detail += f" and {stats.dropped_too_long} examples dropped as too long"
     detail += f" ({share:.1f}% of {total}); {covering} covers 99%"
@@ -282,8 +314,10 @@ def _duplicates_item(train_keys: list[str], sources: list[str]) -> CheckItem:
         else:
             first[key] = source
     share = _pct(len(repeats), len(train_keys))
-    detail = (f"{len(repeats)} of {len(train_keys)} training examples ({share:.1f}%) repeat an earlier one "
-              f"(case and whitespace ignored)")
+    detail = (
+        f"{len(repeats)} of {len(train_keys)} training examples ({share:.1f}%) repeat an earlier one "
+        f"(case and whitespace ignored)"
+    )
     if repeats:
         detail += f": {_listed(repeats)}; repeats are learned harder and skew the loss"
     numbers = {"duplicates": len(repeats), "examples": len(train_keys), "percent": round(share, 2)}
@@ -305,8 +339,11 @@ def _leakage_item(train_keys: set[str], validation: list[tuple[str, str]] | None
 
 def _empty_item(bundle: Any) -> CheckItem:
     empty = bundle.stats.skipped_bad_rows.get("empty_response", 0)
-    detail = (f"{empty} rows with an empty or whitespace-only response were skipped" if empty
-              else "no empty or whitespace-only responses")
+    detail = (
+        f"{empty} rows with an empty or whitespace-only response were skipped"
+        if empty
+        else "no empty or whitespace-only responses"
+    )
     numbers = {"empty_responses": empty, "skipped_bad_rows": dict(bundle.stats.skipped_bad_rows)}
     return _item("empty_responses", "WARN" if empty else "PASS", detail, numbers)
 
@@ -315,13 +352,20 @@ def _eos_item(bundle: Any, eot: int | None, tokenizer: Any) -> CheckItem:
     name = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
     whole = [e for e in bundle.train + (bundle.validation or []) if e.n_trained and not e.response_cut]
     missing = [e.source for e in whole if eot not in e.labels]  # labels hold trained ids, -100 elsewhere
-    numbers = {"end_of_turn_id": eot, "end_of_turn_token": name, "examples": len(whole),
-               "missing": len(missing)}
+    numbers = {
+        "end_of_turn_id": eot,
+        "end_of_turn_token": name,
+        "examples": len(whole),
+        "missing": len(missing),
+    }
     if eot is None:
-        return _item("eos_trained", "FAIL", "the tokenizer has no EOS token: the model cannot learn to stop",
-                     numbers)
-    detail = (f"{name!r} (id {eot}) is trained in {len(whole) - len(missing)} of {len(whole)} examples "
-              "whose response is whole")
+        return _item(
+            "eos_trained", "FAIL", "the tokenizer has no EOS token: the model cannot learn to stop", numbers
+        )
+    detail = (
+        f"{name!r} (id {eot}) is trained in {len(whole) - len(missing)} of {len(whole)} examples "
+        "whose response is whole"
+    )
     if missing:
         detail += f"; missing in {_listed(missing)}: the model will not learn to stop"
     return _item("eos_trained", "FAIL" if missing else "PASS", detail, numbers)
@@ -330,11 +374,20 @@ def _eos_item(bundle: Any, eot: int | None, tokenizer: Any) -> CheckItem:
 def _pad_item(prep: _Prepared, eot: int | None) -> CheckItem:
     tok = prep.tokenizer
     before, after = prep.pad_before, tok.pad_token_id
-    numbers = {"pad_before": before, "pad_id": after, "pad_token": tok.pad_token, "end_of_turn_id": eot,
-               "added": prep.pad_added}
+    numbers = {
+        "pad_before": before,
+        "pad_id": after,
+        "pad_token": tok.pad_token,
+        "end_of_turn_id": eot,
+        "added": prep.pad_added,
+    }
     if after is None or after == eot:
-        return _item("pad_token", "FAIL", f"pad id {after} is the end-of-turn token; masking padding by "
-                     "id would mask the EOS too", numbers)
+        return _item(
+            "pad_token",
+            "FAIL",
+            f"pad id {after} is the end-of-turn token; masking padding by id would mask the EOS too",
+            numbers,
+        )
     detail = f"pad is {tok.pad_token!r} (id {after}), never trained"
     if before == eot:
         detail += f"; the tokenizer shipped pad = end-of-turn (id {before}), tunewise replaces it"
@@ -348,8 +401,13 @@ def _pad_item(prep: _Prepared, eot: int | None) -> CheckItem:
 
 def precision_item(asked: str, precision: str, device: str, device_name: str, bf16_ok: bool) -> CheckItem:
     """Whether the precision fits the hardware: bf16 on Ampere+ GPUs and bf16 CPUs, fp16 on older GPUs."""
-    numbers = {"asked": asked, "precision": precision, "device": device, "device_name": device_name,
-               "bf16_supported": bf16_ok}
+    numbers = {
+        "asked": asked,
+        "precision": precision,
+        "device": device,
+        "device_name": device_name,
+        "bf16_supported": bf16_ok,
+    }
     where = f"{device_name} ({device})"
     status: Status = "PASS"
     detail, fix = f"{precision} on {where}, which {'has' if bf16_ok else 'has no'} bf16", None
@@ -369,6 +427,28 @@ def precision_item(asked: str, precision: str, device: str, device_name: str, bf
     return _item("precision", status, detail, numbers, fix)
 
 
+def _quantization_item(cfg: Config, plan: dict) -> CheckItem:
+    """QLoRA: every layer to quantize has a shape the active bitsandbytes backend accepts."""
+    q = plan.get("quantization")
+    if cfg.model.method != "qlora":
+        return _item("quantization", "PASS", f"no 4-bit layers (method {cfg.model.method})")
+    if q is None:
+        return _item("quantization", "PASS", "the 4-bit backend here takes every layer shape")
+    numbers = {"backend": q["backend"], "quantized": q["quantized"], "unsupported": len(q["unsupported"])}
+    if not q["unsupported"]:
+        return _item(
+            "quantization", "PASS", f"all {q['quantized']} layers fit the {q['backend']} backend", numbers
+        )
+    names = sorted({name.rsplit(".", 1)[-1] for name, _, _ in q["unsupported"]})
+    return _item(
+        "quantization",
+        "FAIL",
+        q["problem"],
+        numbers,
+        fix=f"model.method=lora (or model.keep_unquantized=[{','.join(names)}])",
+    )
+
+
 def _bf16_supported(device: str) -> bool:
     import torch
 
@@ -386,8 +466,10 @@ def _checkpointing_item(cfg: Config, mem: dict | None) -> CheckItem:
         return _item("gradient_checkpointing", "WARN", "off, and memory could not be estimated", numbers, fix)
     share = _pct(mem["peak_without_checkpointing"], mem["device_bytes"])
     numbers["percent_of_device_without"] = round(share, 1)
-    detail = (f"off; without it the peak is {mem['peak_without_checkpointing'] / GIB:.2f} GiB, "
-              f"{share:.0f}% of {mem['device_bytes'] / GIB:.1f} GiB")
+    detail = (
+        f"off; without it the peak is {mem['peak_without_checkpointing'] / GIB:.2f} GiB, "
+        f"{share:.0f}% of {mem['device_bytes'] / GIB:.1f} GiB"
+    )
     if share < 75:
         return _item("gradient_checkpointing", "PASS", detail + ", so it is not needed", numbers)
     return _item("gradient_checkpointing", "WARN", detail, numbers, fix)
@@ -399,11 +481,22 @@ def _warmup_item(plan: dict) -> CheckItem:
     numbers = {"warmup_steps": warm, "total_steps": total, "percent": round(share, 1)}
     detail = f"{warm} warmup steps of {total} ({share:.1f}%)"
     if warm == 0:
-        return _item("warmup", "WARN", detail + "; the first steps hit the full learning rate with a cold "
-                     "optimizer, a common cause of early spikes", numbers, "training.warmup_steps=0.03")
+        return _item(
+            "warmup",
+            "WARN",
+            detail + "; the first steps hit the full learning rate with a cold "
+            "optimizer, a common cause of early spikes",
+            numbers,
+            "training.warmup_steps=0.03",
+        )
     if share > 10 and warm > 100:
-        return _item("warmup", "WARN", detail + "; a long warmup wastes steps at a low rate (about 3%, or "
-                     "50-100 steps for long runs)", numbers, "training.warmup_steps=0.03")
+        return _item(
+            "warmup",
+            "WARN",
+            detail + "; a long warmup wastes steps at a low rate (about 3%, or 50-100 steps for long runs)",
+            numbers,
+            "training.warmup_steps=0.03",
+        )
     return _item("warmup", "PASS", detail, numbers)
 
 
@@ -411,30 +504,59 @@ def _clipping_item(cfg: Config) -> CheckItem:
     norm = float(cfg.training.get("max_grad_norm") or 0)
     numbers = {"max_grad_norm": norm}
     if norm <= 0:
-        return _item("clipping", "WARN", "off (max_grad_norm 0): one bad batch can throw the weights far",
-                     numbers, "training.max_grad_norm=0.3")
+        return _item(
+            "clipping",
+            "WARN",
+            "off (max_grad_norm 0): one bad batch can throw the weights far",
+            numbers,
+            "training.max_grad_norm=0.3",
+        )
     if norm > 1:
-        return _item("clipping", "WARN", f"max_grad_norm {norm:g} rarely clips anything; about 0.3 is the "
-                     "lesson's value", numbers, "training.max_grad_norm=0.3")
+        return _item(
+            "clipping",
+            "WARN",
+            f"max_grad_norm {norm:g} rarely clips anything; about 0.3 is the lesson's value",
+            numbers,
+            "training.max_grad_norm=0.3",
+        )
     return _item("clipping", "PASS", f"gradients clipped at norm {norm:g}", numbers)
 
 
 def _evaluation_item(cfg: Config, plan: dict) -> CheckItem:
     steps = plan["steps"]
     n_val, evals, per_epoch = plan["validation_examples"], plan["evaluations"], plan["evaluations_per_epoch"]
-    numbers = {"validation_examples": n_val, "evaluations": evals, "evaluations_per_epoch": per_epoch,
-               "steps_per_epoch": steps["steps_per_epoch"]}
+    numbers = {
+        "validation_examples": n_val,
+        "evaluations": evals,
+        "evaluations_per_epoch": per_epoch,
+        "steps_per_epoch": steps["steps_per_epoch"],
+    }
     if not n_val:
-        return _item("evaluation", "WARN", "no validation set: overfitting cannot be seen", numbers,
-                     "data.validation_split=0.1")
+        return _item(
+            "evaluation",
+            "WARN",
+            "no validation set: overfitting cannot be seen",
+            numbers,
+            "data.validation_split=0.1",
+        )
     if str(getattr(cfg.training.get("eval_strategy"), "value", cfg.training.get("eval_strategy"))) == "no":
-        return _item("evaluation", "WARN", f"{n_val} validation examples but evaluation is off", numbers,
-                     "training.eval_strategy=steps")
+        return _item(
+            "evaluation",
+            "WARN",
+            f"{n_val} validation examples but evaluation is off",
+            numbers,
+            "training.eval_strategy=steps",
+        )
     detail = f"{evals} evaluations on {n_val} validation examples, {per_epoch:g} per epoch"
     if per_epoch < 2:
         every = max(steps["steps_per_epoch"] // 4, 1)
-        return _item("evaluation", "WARN", detail + "; several per epoch show overfitting in time", numbers,
-                     f"training.eval_steps={every}")
+        return _item(
+            "evaluation",
+            "WARN",
+            detail + "; several per epoch show overfitting in time",
+            numbers,
+            f"training.eval_steps={every}",
+        )
     return _item("evaluation", "PASS", detail, numbers)
 
 
@@ -454,16 +576,29 @@ def _checkpoint_item(cfg: Config, plan: dict) -> CheckItem:
     size = params * 12 if full else params * 4 * 3  # weights + two Adam moments
     need = kept * size + params * 4  # the checkpoints kept and the final adapter/model
     free = _free_disk(cfg.output_dir)
-    numbers = {"save_total_limit": limit, "saves": saves, "kept": kept, "checkpoint_bytes": size,
-               "needed_bytes": need, "free_bytes": free}
-    detail = (f"{saves} checkpoints saved, {kept} kept at about {_size(size)} each; {_size(need)} needed, "
-              f"{_size(free)} free under {cfg.output_dir}")
+    numbers = {
+        "save_total_limit": limit,
+        "saves": saves,
+        "kept": kept,
+        "checkpoint_bytes": size,
+        "needed_bytes": need,
+        "free_bytes": free,
+    }
+    detail = (
+        f"{saves} checkpoints saved, {kept} kept at about {_size(size)} each; {_size(need)} needed, "
+        f"{_size(free)} free under {cfg.output_dir}"
+    )
     if need > free:
         fits = max(int((free - params * 4) // size), 1) if size else 1
         return _item("checkpoints", "FAIL", detail, numbers, f"training.save_total_limit={fits}")
     if not limit and saves:
-        return _item("checkpoints", "WARN", detail + "; no save_total_limit: every checkpoint stays", numbers,
-                     "training.save_total_limit=3")
+        return _item(
+            "checkpoints",
+            "WARN",
+            detail + "; no save_total_limit: every checkpoint stays",
+            numbers,
+            "training.save_total_limit=3",
+        )
     return _item("checkpoints", "PASS", detail, numbers)
 
 
@@ -472,8 +607,10 @@ def _memory_item(cfg: Config, mem: dict | None) -> CheckItem:
         return _item("memory", "WARN", "could not estimate (model config or device memory unknown)")
     share = _pct(mem["peak"], mem["device_bytes"])
     numbers = {"peak_bytes": mem["peak"], "device_bytes": mem["device_bytes"], "percent": round(share, 1)}
-    detail = (f"estimated peak {mem['peak'] / GIB:.2f} GiB, {share:.0f}% of "
-              f"{mem['device_bytes'] / GIB:.1f} GiB ({mem.get('seq_len')} tokens x batch {mem.get('batch')})")
+    detail = (
+        f"estimated peak {mem['peak'] / GIB:.2f} GiB, {share:.0f}% of "
+        f"{mem['device_bytes'] / GIB:.1f} GiB ({mem.get('seq_len')} tokens x batch {mem.get('batch')})"
+    )
     status: Status = "FAIL" if share > 90 else "WARN" if share > 75 else "PASS"
     fix = None
     if status != "PASS":
@@ -484,8 +621,10 @@ def _memory_item(cfg: Config, mem: dict | None) -> CheckItem:
         elif cfg.model.method != "qlora":
             fix = "model.method=qlora"
         elif batch > 1:
-            fix = (f"training.per_device_train_batch_size={batch // 2} "
-                   f"training.gradient_accumulation_steps={accumulation * 2}")
+            fix = (
+                f"training.per_device_train_batch_size={batch // 2} "
+                f"training.gradient_accumulation_steps={accumulation * 2}"
+            )
         else:
             fix = f"data.max_seq_length={max(cfg.data.max_seq_length // 2, 8)}"
     return _item("memory", status, detail, numbers, fix)
@@ -497,20 +636,40 @@ def _learning_rate_item(cfg: Config) -> CheckItem:
     if method == "full":
         usual, fix = "usual 1e-5 to 5e-5", "training.learning_rate=2e-5"
         if lr > 1e-4:
-            return _item("learning_rate", "WARN", f"full fine-tuning at {lr:g} ({usual}) tends to spike and "
-                         "wreck what the model knew", numbers, fix)
+            return _item(
+                "learning_rate",
+                "WARN",
+                f"full fine-tuning at {lr:g} ({usual}) tends to spike and wreck what the model knew",
+                numbers,
+                fix,
+            )
         if lr < 1e-6:
-            return _item("learning_rate", "WARN", f"full fine-tuning at {lr:g} ({usual}) barely moves the "
-                         "weights", numbers, fix)
+            return _item(
+                "learning_rate",
+                "WARN",
+                f"full fine-tuning at {lr:g} ({usual}) barely moves the weights",
+                numbers,
+                fix,
+            )
         return _item("learning_rate", "PASS", f"{lr:g} for full fine-tuning ({usual})", numbers)
     usual, fix = "usual 1e-4 to 3e-4", "training.learning_rate=2e-4"
     if lr < 5e-5:
-        return _item("learning_rate", "WARN", f"{method} at {lr:g} is below 5e-5 ({usual}): a LoRA run "
-                     "at 2e-5 is a classic flat-loss cause, the adapter starts at zero and barely moves",
-                     numbers, fix)
+        return _item(
+            "learning_rate",
+            "WARN",
+            f"{method} at {lr:g} is below 5e-5 ({usual}): a LoRA run "
+            "at 2e-5 is a classic flat-loss cause, the adapter starts at zero and barely moves",
+            numbers,
+            fix,
+        )
     if lr > 1e-3:
-        return _item("learning_rate", "WARN", f"{method} at {lr:g} is above 1e-3 ({usual}): expect spikes or "
-                     "divergence", numbers, fix)
+        return _item(
+            "learning_rate",
+            "WARN",
+            f"{method} at {lr:g} is above 1e-3 ({usual}): expect spikes or divergence",
+            numbers,
+            fix,
+        )
     return _item("learning_rate", "PASS", f"{lr:g} for {method} ({usual})", numbers)
 
 
@@ -520,8 +679,14 @@ def _epochs_item(plan: dict) -> CheckItem:
     numbers = {"examples": n, "epochs": epochs, "total_steps": total}
     detail = f"{epochs:g} epochs over {n} examples: {total} optimizer steps"
     if n < 5000 and epochs > 3:
-        return _item("epochs", "WARN", detail + f"; each example is seen {epochs:g} times, an overfitting "
-                     "risk on under 5000 examples (1-3 is usual)", numbers, "training.num_train_epochs=3")
+        return _item(
+            "epochs",
+            "WARN",
+            detail + f"; each example is seen {epochs:g} times, an overfitting "
+            "risk on under 5000 examples (1-3 is usual)",
+            numbers,
+            "training.num_train_epochs=3",
+        )
     return _item("epochs", "PASS", detail, numbers)
 
 
@@ -542,10 +707,15 @@ def _data_items(cfg: Config, prep: _Prepared) -> tuple[list[CheckItem], dict[str
     validation = [(key(e), e.source) for e in bundle.validation] if bundle.validation else None
     eot = _end_of_turn_id(tokenizer, cfg, bundle.format)
     length = _length_item(cfg, bundle, lengths)
-    items = [_trainable_item(bundle, length.fix), length,
-             _duplicates_item(train_keys, [e.source for e in bundle.train]),
-             _leakage_item(set(train_keys), validation), _empty_item(bundle),
-             _eos_item(bundle, eot, tokenizer), _pad_item(prep, eot)]
+    items = [
+        _trainable_item(bundle, length.fix),
+        length,
+        _duplicates_item(train_keys, [e.source for e in bundle.train]),
+        _leakage_item(set(train_keys), validation),
+        _empty_item(bundle),
+        _eos_item(bundle, eot, tokenizer),
+        _pad_item(prep, eot),
+    ]
     return items, {"lengths": {k: length.numbers[k] for k in ("p50", "p95", "p99", "max")}}
 
 
@@ -563,8 +733,15 @@ def run_check(cfg: Config, processes: int = 1) -> CheckReport:
     items = [
         *data_items[:2],
         precision_item(cfg.model.precision, hw.precision, hw.device, hw.device_name, bf16_ok),
-        _checkpointing_item(cfg, mem), _warmup_item(plan), _clipping_item(cfg), _evaluation_item(cfg, plan),
-        _checkpoint_item(cfg, plan), _memory_item(cfg, mem), _learning_rate_item(cfg), _epochs_item(plan),
+        _quantization_item(cfg, plan),
+        _checkpointing_item(cfg, mem),
+        _warmup_item(plan),
+        _clipping_item(cfg),
+        _evaluation_item(cfg, plan),
+        _checkpoint_item(cfg, plan),
+        _memory_item(cfg, mem),
+        _learning_rate_item(cfg),
+        _epochs_item(plan),
         *data_items[2:],
         _item("loss_watch", "PASS", "watched live by the training monitor (the doctor warns if it is not)"),
     ]
@@ -605,11 +782,14 @@ def inspect_examples(cfg: Config, n: int = 3, index: int | None = None, color: b
         head = f"--- example {i} of {len(train)}"
         if example.truncated:
             cut = "the response was cut" if example.response_cut else "only masked tokens were cut"
-            head += (f"; truncated from {example.full_length} to max_seq_length {cfg.data.max_seq_length} "
-                     f"({cut})")
+            head += (
+                f"; truncated from {example.full_length} to max_seq_length {cfg.data.max_seq_length} ({cut})"
+            )
         blocks.append(f"{head}\n{render_example(example, tokenizer, color)}")
     stats = bundle.stats
     if stats.no_trained_tokens:
-        blocks.append(f"{stats.no_trained_tokens} examples have no trained token and are left out: "
-                      f"{_listed(stats.no_trained_sources)}")
+        blocks.append(
+            f"{stats.no_trained_tokens} examples have no trained token and are left out: "
+            f"{_listed(stats.no_trained_sources)}"
+        )
     return "\n\n".join(blocks)

@@ -33,59 +33,77 @@ class ConfigError(Exception):
         super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its one-line help (what `tunewise init` writes as its comment)."""
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """The base model and how it is fine-tuned."""
 
-    name: str = (
-        EMBEDDED_MODEL  # Hugging Face id, local model directory, local .gguf file, or the embedded default
+    name: str = setting(
+        EMBEDDED_MODEL, "Hugging Face id, local model directory, local .gguf file, or the embedded default"
     )
-    method: Literal["qlora", "lora", "full"] = (
-        "qlora"  # qlora: 4-bit NF4 base + LoRA; lora: LoRA; full: all weights
+    method: Literal["qlora", "lora", "full"] = setting(
+        "qlora", "qlora: 4-bit NF4 base + LoRA; lora: LoRA; full: all weights"
     )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = (
-        "auto"  # auto: bf16 if supported, fp16 on CUDA, else fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "auto: bf16 if supported, fp16 on CUDA, else fp32"
     )
-    trust_remote_code: bool = False  # allow custom modelling code from the model repository
+    trust_remote_code: bool = setting(False, "allow custom modelling code from the model repository")
+    keep_unquantized: list[str] = setting(
+        [], "qlora: module names left in full precision besides the output layer, e.g. [down_proj]"
+    )
 
 
 @dataclass
 class AdapterConfig:
     """LoRA settings (ignored for method full)."""
 
-    r: int = 8  # LoRA rank
-    alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: str | list[str] = "all-linear"  # all-linear or a list of module names
-    bias: Literal["none", "all", "lora_only"] = "none"  # which biases are trained
+    r: int = setting(8, "LoRA rank")
+    alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = setting(0.05, "dropout on the LoRA input")
+    target_modules: str | list[str] = setting("all-linear", "all-linear or a list of module names")
+    bias: Literal["none", "all", "lora_only"] = setting("none", "which biases are trained")
 
 
 @dataclass
 class DataConfig:
     """Where the data comes from and how it becomes input_ids + labels."""
 
-    train: str | None = None  # JSONL/JSON/CSV/Parquet/saved dataset dir; default: the bundled dataset
-    validation: str | None = None  # separate validation file (or use validation_split)
-    validation_split: float | None = None  # fraction of train held out for validation (seeded)
-    test: str | None = None  # test split used by `tunewise eval`
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
-    columns: dict[str, str] = field(default_factory=dict)  # map our field names to yours
-    max_seq_length: int = 512  # tokens per example after the chat template
-    train_on: Literal["assistant", "last", "all"] = "assistant"  # which tokens carry loss
-    too_long: Literal["truncate", "drop", "error"] = "truncate"  # policy for examples over max_seq_length
-    on_bad_rows: Literal["error", "skip"] = "error"  # stop at the first bad row or skip and count them
-    system_prompt: str | None = None  # system message added to conversations that have none
-    chat_template: str | None = None  # Jinja template for models that ship none
-    seed: int = 42  # seed for the validation split
+    train: str | None = setting(None, "JSONL/JSON/CSV/Parquet/saved dataset dir; empty: the bundled dataset")
+    validation: str | None = setting(None, "separate validation file (or use validation_split)")
+    validation_split: float | None = setting(None, "fraction of train held out for validation (seeded)")
+    test: str | None = setting(None, "test split used by `tunewise eval`")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = setting(
+        "auto", "auto | messages | sharegpt | alpaca | prompt_completion | text"
+    )
+    columns: dict[str, str] = setting({}, "map our field names to yours, e.g. {messages: conversation}")
+    max_seq_length: int = setting(512, "tokens per example after the chat template")
+    train_on: Literal["assistant", "last", "all"] = setting("assistant", "which tokens carry loss")
+    too_long: Literal["truncate", "drop", "error"] = setting(
+        "truncate", "policy for examples over max_seq_length"
+    )
+    on_bad_rows: Literal["error", "skip"] = setting(
+        "error", "stop at the first bad row or skip and count them"
+    )
+    system_prompt: str | None = setting(None, "system message added to conversations that have none")
+    chat_template: str | None = setting(None, "Jinja template for models that ship none")
+    seed: int = setting(42, "seed for the validation split")
 
 
 @dataclass
 class DoctorConfig:
     """What the live monitor does when training goes wrong."""
 
-    on_divergence: Literal["stop", "recover"] = "stop"  # stop: save and end as diverged; recover: retry
-    max_recoveries: int = 3  # attempts in recover mode
-    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
+    on_divergence: Literal["stop", "recover"] = setting(
+        "stop", "stop: save and end as diverged; recover: roll back to the last good checkpoint and retry"
+    )
+    max_recoveries: int = setting(3, "attempts in recover mode")
+    early_stopping_patience: int = setting(0, "evaluations without improvement before stopping (0: off)")
 
 
 # The lesson's recommended TrainingArguments; hardware-dependent ones (bf16/fp16, optim) resolve at run time.
@@ -582,16 +600,9 @@ _COMMENTS = {
 }
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in a section dataclass's source."""
-    import inspect
-
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
-            comments[stripped.split(":")[0].strip()] = stripped.split("#", 1)[1].strip()
-    return comments
+def field_help(cls: type) -> dict[str, str]:
+    """The one-line help of each field of a section dataclass (from its `setting(...)` metadata)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def starter_config_text() -> str:
@@ -611,7 +622,7 @@ def starter_config_text() -> str:
         else:
             values, comments = (
                 dataclasses.asdict(getattr(cfg, section)),
-                _field_comments(SECTION_TYPES[section]),
+                field_help(SECTION_TYPES[section]),
             )
         for key, value in values.items():
             out.append(f"  {key}: {_scalar(value)}  # {comments.get(key, '')}".rstrip(" #"))

@@ -223,14 +223,111 @@ def load_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-def _quantization_config(hw: Hardware) -> Any:
+# ----------------------------------------------------------------------------- 4-bit layers
+
+BNB_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (Params4bit), the one transformers' NF4 uses
+CPU_PACK_ROWS = (
+    32  # rows per block of bitsandbytes' AVX512-BF16 CPU layout (`_convert_weight_packed_for_cpu`)
+)
+
+
+@dataclass
+class QuantizedLayers:
+    """The linear layers `model.method=qlora` quantizes, and those the active 4-bit backend cannot take."""
+
+    backend: str  # e.g. "cpu-avx512bf16"
+    rule: str  # what the backend needs, in words
+    skipped: list[
+        str
+    ]  # module patterns left in full precision (transformers' defaults + model.keep_unquantized)
+    quantized: int  # linear layers that become 4-bit
+    unsupported: list[tuple[str, int, int]]  # (module name, in_features, out_features)
+
+    def message(self) -> str:
+        """One line: which layers fail, why, and the two fixes."""
+        names = sorted({name.rsplit(".", 1)[-1] for name, _, _ in self.unsupported})
+        first = self.unsupported[0]
+        return (
+            f"{len(self.unsupported)} of {self.quantized} layers cannot be quantized to 4-bit by "
+            f"bitsandbytes' {self.backend} backend, which needs {self.rule} (e.g. `{first[0]}` is "
+            f"{first[1]} in x {first[2]} out). Fix: `model.method=lora`, or leave them unquantized with "
+            f"`model.keep_unquantized=[{','.join(names)}]`"
+        )
+
+
+def four_bit_backend(device: str) -> tuple[str, Any] | None:
+    """The active bitsandbytes 4-bit backend that has shape limits, and a test of a layer's shape.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for inference (evaluation,
+    generation) into a layout of 32-row blocks with one absmax per 64 inputs: every quantized layer needs
+    in_features a multiple of 64 and out_features a multiple of 32. Other backends take any shape.
+    """
+    if device != "cpu" or not bitsandbytes_available():
+        return None
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        return None
+    rule = f"in_features a multiple of {BNB_BLOCKSIZE} and out_features a multiple of {CPU_PACK_ROWS}"
+    return rule, lambda n_in, n_out: n_in % BNB_BLOCKSIZE == 0 and n_out % CPU_PACK_ROWS == 0
+
+
+def _skeleton(cfg: Config) -> Any:
+    """The model built on the meta device from its config: module names and shapes, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model.name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name `{cfg.model.name}`: cannot read its config ({exc})") from None
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _unquantized_patterns(cfg: Config, skeleton: Any) -> list[str]:
+    """Module patterns left in full precision: transformers' own defaults plus `model.keep_unquantized`."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return sorted({*get_keys_to_not_convert(skeleton), *cfg.model.keep_unquantized})
+
+
+def quantized_layers(cfg: Config, device: str) -> QuantizedLayers | None:
+    """For qlora on a backend with shape limits: every layer it would quantize and those it cannot.
+
+    Reads only the model's config (the layers are built on the meta device), so `plan` and `check`
+    can say it before any weight is loaded. None when the method is not qlora or the backend has no limits.
+    """
+    backend = four_bit_backend(device)
+    if cfg.model.method != "qlora" or backend is None:
+        return None
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    rule, accepts = backend
+    skeleton = _skeleton(cfg)
+    skipped = _unquantized_patterns(cfg, skeleton)
+    layers = [
+        (name, module.in_features, module.out_features)
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear) and should_convert_module(name, skipped)
+    ]
+    bad = [layer for layer in layers if not accepts(layer[1], layer[2])]
+    return QuantizedLayers("cpu-avx512bf16", rule, skipped, len(layers), bad)
+
+
+def _quantization_config(cfg: Config, hw: Hardware) -> Any:
     from transformers import BitsAndBytesConfig
 
+    skip = None
+    if cfg.model.keep_unquantized:
+        skip = _unquantized_patterns(cfg, _skeleton(cfg))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(hw.precision),
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -241,7 +338,10 @@ def load_base_model(cfg: Config, hw: Hardware) -> Any:
     path = resolve_model_path(cfg.model.name)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.method == "qlora":
-        kwargs["quantization_config"] = _quantization_config(hw)
+        layers = quantized_layers(cfg, hw.device)
+        if layers is not None and layers.unsupported:
+            raise ModelError(layers.message())
+        kwargs["quantization_config"] = _quantization_config(cfg, hw)
         kwargs["dtype"] = torch_dtype(hw.precision)
         if hw.device == "cuda":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
