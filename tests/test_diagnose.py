@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tunewise.diagnose import Diagnosis, diagnose_curve, diagnose_path, render_diagnosis
-from tunewise.findings import Finding, Fix, append_findings, read_findings
-from tunewise.logs import Curve, DoctorError, TrainPoint, load_curve
-from tunewise.watcher import CurveWatcher
+from tunewise.doctor.curve import Curve, TrainPoint, load_curve
+from tunewise.doctor.diagnose import Diagnosis, diagnose_curve, diagnose_path, render_diagnosis
+from tunewise.doctor.findings import Finding, Fix, append_findings, read_findings
+from tunewise.doctor.watcher import CurveWatcher
+from tunewise.errors import DoctorError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STATES = FIXTURES / "trainer_states"
@@ -452,7 +453,8 @@ def test_diagnosis_exit_codes_and_dict() -> None:
 
 
 def test_module_does_not_import_torch_or_transformers() -> None:
-    code = ("import sys, tunewise.diagnose; "
+    modules = sorted(p.stem for p in (Path(__file__).parents[1] / "src/tunewise/doctor").glob("*.py"))
+    code = (f"import sys; import {', '.join('tunewise.doctor.' + m for m in modules)}; "
             "print(sorted(m for m in ('torch', 'transformers', 'tensorboard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(Path(__file__).parents[1] / "src")})

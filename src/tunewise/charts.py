@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tunewise.findings import Finding
-from tunewise.logs import Curve
+from tunewise.doctor.curve import Curve
+from tunewise.doctor.findings import Finding
 
 SEVERITY_COLORS = {"error": "#d93025", "warning": "#e37400", "info": "#5f6368"}
 TRAIN_COLOR, EVAL_COLOR, LR_COLOR = "#3367d6", "#e8710a", "#188038"

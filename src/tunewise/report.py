@@ -24,9 +24,10 @@ from typing import Any
 import yaml
 
 from tunewise import charts
-from tunewise.diagnose import Diagnosis, diagnose_path
-from tunewise.findings import Finding
-from tunewise.logs import Curve, DoctorError, load_curve
+from tunewise.doctor.curve import Curve, load_curve
+from tunewise.doctor.diagnose import Diagnosis, diagnose_path
+from tunewise.doctor.findings import Finding
+from tunewise.errors import DoctorError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training logs as a `Curve`: tunewise's metrics.jsonl, Hugging Face Trainer output, TensorBoard events.
+"""The curve reader: training logs as a `Curve` (metrics.jsonl, Trainer output, TensorBoard events).
 
 `load_curve` takes a run directory, a Trainer output_dir (trainer_state.json or checkpoint-*/), a
 trainer_state.json file, a metrics.jsonl file or TensorBoard event files, and copes with what real logs
@@ -9,20 +9,22 @@ itself (method, learning rate, warmup, status). No torch or transformers here.
 
 import json
 import logging
-import re
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tunewise import rundir
 from tunewise.errors import DoctorError
 
 logger = logging.getLogger(__name__)
 
-EXPECTED = ("expected a tunewise run directory (metrics.jsonl), a Trainer output_dir (trainer_state.json "
-            "or checkpoint-*/trainer_state.json), a trainer_state.json file or TensorBoard event files")
+EXPECTED = (
+    "expected a tunewise run directory (metrics.jsonl), a Trainer output_dir (trainer_state.json "
+    "or checkpoint-*/trainer_state.json), a trainer_state.json file or TensorBoard event files"
+)
 
 
 @dataclass
@@ -69,6 +71,16 @@ def to_float(value: Any) -> float | None:
         return None
 
 
+def finite(x: float | None) -> bool:
+    """A number that is neither None, NaN nor inf."""
+    return x is not None and math.isfinite(x)
+
+
+def hides_nan(loss: float, grad_norm: float | None) -> bool:
+    """Trainer's logging_nan_inf_filter logs a NaN loss as 0.0; the grad norm still shows it."""
+    return loss == 0.0 and grad_norm is not None and not math.isfinite(grad_norm)
+
+
 def load_curve(path: Path) -> Curve:
     """Read a run's train/eval points from any supported log; raises DoctorError when there are none."""
     path = Path(path)
@@ -91,12 +103,11 @@ def _read_file(path: Path) -> Curve:
 
 
 def _read_dir(path: Path) -> Curve:
-    checkpoints = {int(m.group(1)): d for d in path.iterdir()
-                   if d.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", d.name))}
+    checkpoints = rundir.checkpoints(path)
     states = [checkpoints[s] / "trainer_state.json" for s in sorted(checkpoints)]
     states = [p for p in states if p.is_file()]
-    if (path / "metrics.jsonl").is_file():
-        curve = _read_metrics_jsonl(path / "metrics.jsonl")
+    if (path / rundir.METRICS).is_file():
+        curve = _read_metrics_jsonl(path / rundir.METRICS)
     elif (path / "trainer_state.json").is_file():
         curve = _read_trainer_state(path / "trainer_state.json")
     elif states:
@@ -109,26 +120,6 @@ def _read_dir(path: Path) -> Curve:
     return curve
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; DoctorError names file:line when one is not JSON."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines) and not text.endswith("\n"):  # a writer stopped mid-line
-                logger.warning("%s:%d: ignoring the cut-off last line", path, lineno)
-                return
-            raise DoctorError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                              "expected one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise DoctorError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
-
-
 def _point(record: dict[str, Any], where: str, train: bool) -> TrainPoint | EvalPoint:
     """A train or eval point from one log record; DoctorError when its `step` is missing."""
     step = record.get("step")
@@ -136,12 +127,20 @@ def _point(record: dict[str, Any], where: str, train: bool) -> TrainPoint | Eval
         raise DoctorError(f'{where}: entry has no numeric `step`; expected e.g. {{"step": 10, "loss": 2.3}}')
     if train:
         tokens = record.get("trained_tokens", record.get("trainable_tokens"))
-        return TrainPoint(int(step), to_float(record["loss"]), to_float(record.get("grad_norm")),
-                          to_float(record.get("learning_rate")), to_float(record.get("epoch")),
-                          int(tokens) if isinstance(tokens, int | float) else None)
+        return TrainPoint(
+            int(step),
+            to_float(record["loss"]),
+            to_float(record.get("grad_norm")),
+            to_float(record.get("learning_rate")),
+            to_float(record.get("epoch")),
+            int(tokens) if isinstance(tokens, int | float) else None,
+        )
     skip = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
-    metrics = {k: float(v) for k, v in record.items()
-               if k.startswith("eval_") and k not in skip and to_float(v) is not None}
+    metrics = {
+        k: float(v)
+        for k, v in record.items()
+        if k.startswith("eval_") and k not in skip and to_float(v) is not None
+    }
     return EvalPoint(int(step), to_float(record.get("eval_loss")), to_float(record.get("epoch")), metrics)
 
 
@@ -163,13 +162,17 @@ def _curve(points: list[TrainPoint | EvalPoint], source: Path, **extra: Any) -> 
                     del kept[s]
         (train if is_train else evals)[p.step] = p
         top = p.step  # after dropping the orphans nothing later is left
-    return Curve([train[s] for s in sorted(train) if train[s].loss is not None],
-                 [evals[s] for s in sorted(evals)], str(source), **extra)
+    return Curve(
+        [train[s] for s in sorted(train) if train[s].loss is not None],
+        [evals[s] for s in sorted(evals)],
+        str(source),
+        **extra,
+    )
 
 
 def _read_metrics_jsonl(path: Path) -> Curve:
     points = []
-    for lineno, record in json_lines(path):
+    for lineno, record in rundir.read_jsonl(path, strict=True):
         kind = record.get("type") or ("eval" if "eval_loss" in record else "train")
         if (kind == "train" and "loss" in record) or kind == "eval":
             points.append(_point(record, f"{path}:{lineno}", train=kind == "train"))
@@ -180,18 +183,28 @@ def _read_trainer_state(path: Path) -> Curve:
     try:
         state = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as exc:
-        raise DoctorError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                          "expected a Hugging Face trainer_state.json") from None
+        raise DoctorError(
+            f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "expected a Hugging Face trainer_state.json"
+        ) from None
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise DoctorError(f"{path}: no `log_history` list; expected a Hugging Face trainer_state.json")
     # Skip the final summary entry (train_runtime, train_loss): it is not a step.
-    points = [_point(r, f"{path}: log_history[{i}]", train="loss" in r) for i, r in enumerate(history)
-              if isinstance(r, dict) and "train_runtime" not in r
-              and ("loss" in r or any(k.startswith("eval_") for k in r))]
+    points = [
+        _point(r, f"{path}: log_history[{i}]", train="loss" in r)
+        for i, r in enumerate(history)
+        if isinstance(r, dict)
+        and "train_runtime" not in r
+        and ("loss" in r or any(k.startswith("eval_") for k in r))
+    ]
     max_steps = state.get("max_steps")
-    return _curve(points, path, best_model_checkpoint=state.get("best_model_checkpoint"),
-                  total_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
+    return _curve(
+        points,
+        path,
+        best_model_checkpoint=state.get("best_model_checkpoint"),
+        total_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
+    )
 
 
 def _read_tensorboard(path: Path) -> Curve:
@@ -216,7 +229,7 @@ def _read_tensorboard(path: Path) -> Curve:
 
 def read_context(run_dir: Path) -> dict[str, Any]:
     """Facts for ranking causes, from a tunewise run's config.yaml, plan.json and result.json."""
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / rundir.CONFIG
     text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     try:
         config = yaml.safe_load(text) or {}
@@ -235,23 +248,11 @@ def read_context(run_dir: Path) -> dict[str, Any]:
         context["warmup_steps"] = int(context["warmup_steps"])
     if context.get("max_steps", 0) > 0:
         context["total_steps"] = int(context["max_steps"])
-    plan = _json_object(run_dir / "plan.json")
-    resolved = {"warmup_steps": plan.get("warmup_steps"), **{k: (plan.get("steps") or {}).get(k)
-                                                             for k in ("total_steps", "steps_per_epoch")}}
+    plan = rundir.read_json_object(run_dir / rundir.PLAN)
+    resolved = {
+        "warmup_steps": plan.get("warmup_steps"),
+        **{k: (plan.get("steps") or {}).get(k) for k in ("total_steps", "steps_per_epoch")},
+    }
     context.update({k: v for k, v in resolved.items() if isinstance(v, int)})
-    context["status"] = _json_object(run_dir / "result.json").get("status")
+    context["status"] = rundir.read_json_object(run_dir / rundir.RESULT).get("status")
     return context
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    """A small JSON file written by tunewise, or {} when it is missing or unreadable (it is only context)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        logger.warning("%s: not a JSON object; ignoring it", path)
-        return {}
-    return data

@@ -1,8 +1,8 @@
-"""The doctor: watch a loss curve, say what went wrong, with numbers, causes and config changes.
+"""Verdicts: replay a run through the doctor's rules and say what happened, with the checkpoint to keep.
 
 `diagnose_curve` replays a whole run through the rules (`watcher.CurveWatcher`, which the training
 monitor feeds live) and turns what they found into a verdict, a plain summary, the evidence and the
-checkpoint to keep; `diagnose_path` does it for any log `logs.load_curve` reads (a tunewise run,
+checkpoint to keep; `diagnose_path` does it for any log `curve.load_curve` reads (a tunewise run,
 Hugging Face Trainer output, TensorBoard events). No torch or transformers here: `tunewise doctor`
 starts fast anywhere.
 
@@ -14,23 +14,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from tunewise.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
-from tunewise.logs import Curve, EvalPoint, TrainPoint, load_curve, read_context
-from tunewise.watcher import (
-    MIN_POINTS,
-    OVERFIT_CODES,
-    UNSTABLE_CODES,
-    WATCHER_KEYS,
-    CurveWatcher,
-    finite,
-    hides_nan,
-)
+from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
+from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite, hides_nan, load_curve, read_context
+from tunewise.doctor.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
+from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
 
 logger = logging.getLogger(__name__)
 
-Verdict = Literal["healthy", "diverged", "flat", "overfitting", "unstable", "insufficient-data"]
+MIN_POINTS = 5  # fewer train points than this are too few to judge (unless the run diverged)
 
 
 @dataclass
@@ -52,10 +45,16 @@ class Diagnosis:
         return SEVERITY_RANK[self.worst_severity() or "info"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "summary": self.summary, "evidence": self.evidence,
-                "best_checkpoint": self.best_checkpoint, "source": self.source,
-                "worst_severity": self.worst_severity(), "exit_code": self.exit_code(),
-                "findings": [f.to_dict() for f in self.findings]}
+        return {
+            "verdict": self.verdict,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "best_checkpoint": self.best_checkpoint,
+            "source": self.source,
+            "worst_severity": self.worst_severity(),
+            "exit_code": self.exit_code(),
+            "findings": [f.to_dict() for f in self.findings],
+        }
 
 
 def diagnose_path(path: Path) -> Diagnosis:
@@ -78,8 +77,9 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     # Trainer evaluates after logging the train loss of the same step.
     for point in sorted([*curve.train, *curve.eval], key=lambda p: (p.step, isinstance(p, EvalPoint))):
         if isinstance(point, TrainPoint):
-            watcher.observe_train(point.step, point.loss, point.grad_norm, point.lr, point.epoch,
-                                  point.trainable_tokens)
+            watcher.observe_train(
+                point.step, point.loss, point.grad_norm, point.lr, point.epoch, point.trainable_tokens
+            )
         else:
             watcher.observe_eval(point.step, point.eval_loss, point.epoch)
     watcher.finish()
@@ -90,9 +90,15 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     checkpoint, evidence["keep"] = _choose_checkpoint(curve, bad_step)
     findings = list(watcher.findings)
     if verdict == "insufficient-data":
-        findings.append(Finding(curve.train[-1].step if curve.train else None, "info", "insufficient_data",
-                                f"only {len(curve.train)} train points; {MIN_POINTS} are needed to judge",
-                                {"train_points": len(curve.train)}))
+        findings.append(
+            Finding(
+                curve.train[-1].step if curve.train else None,
+                "info",
+                "insufficient_data",
+                f"only {len(curve.train)} train points; {MIN_POINTS} are needed to judge",
+                {"train_points": len(curve.train)},
+            )
+        )
     summary = _summarize(verdict, findings, evidence)
     return Diagnosis(verdict, summary, findings, evidence, checkpoint, curve.source)
 
@@ -104,8 +110,10 @@ def _settle(watcher: CurveWatcher) -> None:
     for f in watcher.findings:
         if f.code in ("not_falling", "flat") and watcher.end_change is not None and not watcher.flat_at_end:
             f.severity, f.title = "info", f"{f.title}; it fell later ({num(last_loss)} at step {last_step})"
-        episode = {"non_finite": ("non_finite", f.step),
-                   "loss_explosion": ("loss_spike", f.evidence.get("spike_step"))}.get(f.code)
+        episode = {
+            "non_finite": ("non_finite", f.step),
+            "loss_explosion": ("loss_spike", f.evidence.get("spike_step")),
+        }.get(f.code)
         if episode in ended and f.severity == "error":
             f.severity, f.title = "warning", f"{f.title} (recovered by step {ended[episode]})"
 
@@ -113,7 +121,7 @@ def _settle(watcher: CurveWatcher) -> None:
 def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Verdict:
     """diverged > nothing trained (flat) > insufficient-data > overfitting > flat > unstable > healthy."""
     codes = {f.code for f in watcher.findings}
-    if status == "diverged" or {"non_finite", "loss_explosion"} & watcher.open_episodes.keys():
+    if status == "diverged" or DIVERGED_CODES & watcher.open_episodes.keys():
         return "diverged"
     if watcher.nothing_trained:
         return "flat"
@@ -140,8 +148,12 @@ def _run_evidence(curve: Curve, status: str | None) -> dict[str, Any]:
         evidence.update(loss_first=kept[0][1], loss_min=low[1], loss_min_step=low[0])
     if evals:
         best = min(evals, key=lambda e: e.eval_loss)
-        evidence.update(best_eval_loss=best.eval_loss, best_eval_step=best.step,
-                        last_eval_loss=evals[-1].eval_loss, last_eval_step=evals[-1].step)
+        evidence.update(
+            best_eval_loss=best.eval_loss,
+            best_eval_step=best.step,
+            last_eval_loss=evals[-1].eval_loss,
+            last_eval_step=evals[-1].step,
+        )
     if lrs:
         evidence["peak_lr"] = max(lrs)
     if status:
@@ -156,8 +168,11 @@ def _choose_checkpoint(curve: Curve, bad_step: int | None) -> tuple[str | None, 
         best = min(evals, key=lambda e: e.eval_loss)
         named = curve.best_model_checkpoint and Path(curve.best_model_checkpoint).name
         earlier = [s for s in curve.checkpoints if s <= best.step]
-        name = (named if named == f"checkpoint-{best.step}"
-                else f"checkpoint-{earlier[-1] if earlier else best.step}")
+        name = (
+            named
+            if named == f"checkpoint-{best.step}"
+            else f"checkpoint-{earlier[-1] if earlier else best.step}"
+        )
         return name, f"lowest eval loss {num(best.eval_loss)} at step {best.step}"
     saved = [s for s in curve.checkpoints if bad_step is None or s < bad_step]
     if bad_step is not None and saved:
@@ -171,20 +186,27 @@ def _choose_checkpoint(curve: Curve, bad_step: int | None) -> tuple[str | None, 
 
 def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) -> str:
     """One or two plain sentences with the run's numbers."""
-    span = (f"{num(ev.get('loss_first'))} at step {ev.get('first_step')} to {num(ev.get('loss_last'))} "
-            f"at step {ev.get('last_step')}")
+    span = (
+        f"{num(ev.get('loss_first'))} at step {ev.get('first_step')} to {num(ev.get('loss_last'))} "
+        f"at step {ev.get('last_step')}"
+    )
     if verdict == "diverged":
         bad = [f for f in findings if f.code in ("non_finite", "loss_explosion") and f.severity == "error"]
         what = bad[0].title if bad else f"result.json says the run diverged; loss went from {span}"
         return f"Training diverged: {what}. It never recovered (last logged step {ev.get('last_step')})."
     if verdict == "insufficient-data":
-        return (f"Only {ev['train_points']} train points (steps {ev.get('first_step')}-"
-                f"{ev.get('last_step')}); at least {MIN_POINTS} are needed to judge the curve.")
+        return (
+            f"Only {ev['train_points']} train points (steps {ev.get('first_step')}-"
+            f"{ev.get('last_step')}); at least {MIN_POINTS} are needed to judge the curve."
+        )
     if verdict == "overfitting" and ev.get("best_eval_step", ev.get("last_eval_step")) != ev.get(
-            "last_eval_step"):
-        return (f"Overfitting: eval loss was best at {num(ev['best_eval_loss'])} (step "
-                f"{ev['best_eval_step']}) and rose to {num(ev['last_eval_loss'])} at step "
-                f"{ev['last_eval_step']}, while train loss went from {span}.")
+        "last_eval_step"
+    ):
+        return (
+            f"Overfitting: eval loss was best at {num(ev['best_eval_loss'])} (step "
+            f"{ev['best_eval_step']}) and rose to {num(ev['last_eval_loss'])} at step "
+            f"{ev['last_eval_step']}, while train loss went from {span}."
+        )
     untrained = [f for f in findings if f.code == "no_trainable_tokens" and f.severity == "error"]
     if verdict == "flat" and untrained:
         return f"Nothing to learn: {untrained[0].title} (last logged step {ev.get('last_step')})."
@@ -193,15 +215,24 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
         first = min((f for f in findings if f.code in codes), key=lambda f: f.step or 0)
         lead = {"overfitting": "Overfitting", "flat": "Loss barely moved", "unstable": "Unstable"}[verdict]
         return f"{lead}: {first.title}. Over the run, loss went from {span}."
-    tail = (f"; eval loss {num(ev['last_eval_loss'])} at step {ev['last_eval_step']} (best "
-            f"{num(ev['best_eval_loss'])} at step {ev['best_eval_step']})" if "best_eval_step" in ev else "")
+    tail = (
+        f"; eval loss {num(ev['last_eval_loss'])} at step {ev['last_eval_step']} (best "
+        f"{num(ev['best_eval_loss'])} at step {ev['best_eval_step']})"
+        if "best_eval_step" in ev
+        else ""
+    )
     return f"Healthy: loss fell from {span}{tail}."
 
 
 # ----------------------------------------------------------------------------- text and findings.jsonl
 
-_COLORS = {"error": "\033[31m", "warning": "\033[33m", "info": "\033[36m", "healthy": "\033[32m",
-           "bold": "\033[1m"}
+_COLORS = {
+    "error": "\033[31m",
+    "warning": "\033[33m",
+    "info": "\033[36m",
+    "healthy": "\033[32m",
+    "bold": "\033[1m",
+}
 
 
 def _paint(text: str, style: str, color: bool) -> str:
@@ -211,8 +242,14 @@ def _paint(text: str, style: str, color: bool) -> str:
 def render_diagnosis(d: Diagnosis, color: bool = False) -> str:
     """The text `tunewise doctor` prints: verdict, summary, evidence, findings, causes, fixes, checkpoint."""
     style = {"healthy": "healthy", "diverged": "error", "insufficient-data": "info"}.get(d.verdict, "warning")
-    lines = [f"verdict: {_paint(d.verdict.upper(), style, color)}   (exit code {d.exit_code()})",
-             f"source:  {d.source}", "", d.summary, "", "evidence:"]
+    lines = [
+        f"verdict: {_paint(d.verdict.upper(), style, color)}   (exit code {d.exit_code()})",
+        f"source:  {d.source}",
+        "",
+        d.summary,
+        "",
+        "evidence:",
+    ]
     for key, value in d.evidence.items():
         if key != "keep":
             if isinstance(value, float):
@@ -228,8 +265,10 @@ def render_diagnosis(d: Diagnosis, color: bool = False) -> str:
     if fixes:
         lines += ["", "fixes (try in this order):"]
         for i, fix in enumerate(fixes, 1):
-            lines += [f"  {i}. {_paint(fix.change, 'bold', color) if fix.change else '(no config change)'}",
-                      f"     {fix.why}"]
+            lines += [
+                f"  {i}. {_paint(fix.change, 'bold', color) if fix.change else '(no config change)'}",
+                f"     {fix.why}",
+            ]
     keep = _paint(d.best_checkpoint, "bold", color) if d.best_checkpoint else "-"
     lines += ["", f"checkpoint to keep: {keep} ({d.evidence.get('keep', '')})"]
     return "\n".join(lines)
@@ -244,8 +283,11 @@ def _ranked_advice(findings: list[Finding]) -> Advice:
         if f.severity == "info":
             continue
         # The doctor's own findings pair each cause with its fix; others may not.
-        pairs = (list(zip(f.causes, f.fixes, strict=True)) if len(f.causes) == len(f.fixes)
-                 else [(c, None) for c in f.causes] + [(None, x) for x in f.fixes])
+        pairs = (
+            list(zip(f.causes, f.fixes, strict=True))
+            if len(f.causes) == len(f.fixes)
+            else [(c, None) for c in f.causes] + [(None, x) for x in f.fixes]
+        )
         for cause, fix in pairs:
             key = ((fix.change or "").split("=")[0] or fix.why) if fix else cause
             if key not in seen:

@@ -4,13 +4,13 @@ A `Finding` is printed as it happens, appended to findings.jsonl (one JSON objec
 summarised at the end of a run; each `Fix` is a config override when one exists.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from tunewise.logs import DoctorError, json_lines
+from tunewise import rundir
+from tunewise.errors import DoctorError
 
 Severity = Literal["info", "warning", "error"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
@@ -37,15 +37,28 @@ class Finding:
     fixes: list[Fix] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "severity": self.severity, "code": self.code, "title": self.title,
-                "evidence": self.evidence, "causes": self.causes,
-                "fixes": [{"change": f.change, "why": f.why} for f in self.fixes]}
+        return {
+            "step": self.step,
+            "severity": self.severity,
+            "code": self.code,
+            "title": self.title,
+            "evidence": self.evidence,
+            "causes": self.causes,
+            "fixes": [{"change": f.change, "why": f.why} for f in self.fixes],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         fixes = [Fix(f.get("change"), f.get("why", "")) for f in data.get("fixes") or []]
-        return cls(data.get("step"), data["severity"], data["code"], data["title"],
-                   dict(data.get("evidence") or {}), list(data.get("causes") or []), fixes)
+        return cls(
+            data.get("step"),
+            data["severity"],
+            data["code"],
+            data["title"],
+            dict(data.get("evidence") or {}),
+            list(data.get("causes") or []),
+            fixes,
+        )
 
 
 Advice = tuple[list[str], list[Fix]]
@@ -73,21 +86,17 @@ def rank_advice(items: list[tuple[float, str, Fix]]) -> Advice:
 
 def append_findings(path: Path, findings: list[Finding]) -> None:
     """Append findings to a findings.jsonl file, one JSON object per line (NaN stays NaN)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        for finding in findings:
-            fh.write(json.dumps(finding.to_dict(), default=str) + "\n")
+    rundir.append_jsonl(path, [finding.to_dict() for finding in findings])
 
 
 def read_findings(path: Path) -> list[Finding]:
     """Read findings.jsonl; a missing file means no findings yet."""
-    path = Path(path)
-    if not path.is_file():
-        return []
     findings = []
-    for lineno, record in json_lines(path):
+    for lineno, record in rundir.read_jsonl(path, strict=True):
         try:
             findings.append(Finding.from_dict(record))
         except KeyError as exc:
-            raise DoctorError(f"{path}:{lineno}: finding has no {exc}; expected severity, code and "
-                              "title") from None
+            raise DoctorError(
+                f"{path}:{lineno}: finding has no {exc}; expected severity, code and title"
+            ) from None
     return findings

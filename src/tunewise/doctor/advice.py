@@ -1,0 +1,192 @@
+"""Advice: the doctor's knowledge of what causes a problem and which config change fixes it.
+
+One place for the learning-rate bands (the rules, `tunewise check` and the advice read them), the
+ranked causes and fixes of each kind of problem, the order in which recovery tries the divergence
+fixes, and the fixes for memory. Each `*_advice` function returns (causes, fixes), paired and ranked
+with the run's facts; the rule modules (divergence, progress, masking, overfitting, memory) call them.
+"""
+
+from __future__ import annotations
+
+from tunewise.doctor.curve import finite
+from tunewise.doctor.findings import Advice, Fix, fmt_lr, num, rank_advice
+
+# Rates below LOW_LR barely move a run, above HIGH_LR they often blow it up; None = method unknown.
+LOW_LR = {"lora": 5e-5, "qlora": 5e-5, "full": 1e-6, None: 5e-6}
+HIGH_LR = {"lora": 1e-3, "qlora": 1e-3, "full": 1e-4, None: 1e-3}
+TYPICAL_LR = {"lora": "1e-4 to 3e-4", "qlora": "1e-4 to 3e-4", "full": "1e-5 to 5e-5"}
+SAFE_MAX_GRAD_NORM = 0.3  # the clipping the lesson recommends, and the divergence fix
+LR_CUT = 10  # the divergence fix divides the learning rate by this; the flat fix multiplies by it
+RECOVERY_WARMUP_STEPS = 100  # the warmup recovery adds when lr and clipping did not help
+
+
+def divergence_advice(
+    method: str | None,
+    lr: float | None,
+    clip: float | None,
+    warmup: int | None,
+    total: int | None,
+) -> Advice:
+    """Causes and fixes of non-finite values, spikes and explosions, ranked with the run's facts."""
+    high = lr is not None and lr > HIGH_LR.get(method, HIGH_LR[None])
+    typical = f"; {method} usually trains at {TYPICAL_LR[method]}" if method in TYPICAL_LR else ""
+    lr_fix = Fix(
+        f"training.learning_rate={fmt_lr(lr / LR_CUT)}" if lr else None,
+        "a tenth of the rate: smaller steps do not overshoot",
+    )
+    clip_text = (
+        "max_grad_norm is 0 (no clipping): one large gradient can throw the weights off"
+        if clip == 0
+        else f"gradient clipping too loose (max_grad_norm {clip})"
+        if clip
+        else "no or too little gradient clipping"
+    )
+    warm = max(100, (total or 0) // 10)
+    warm = min(warm, total // 2) if total and total >= 2 else warm  # never most of a short run
+    warm_text = (
+        "no warmup: the full rate hits fresh weights at step 1"
+        if warmup == 0
+        else f"too little warmup ({warmup} steps)"
+        if warmup
+        else "too little warmup"
+    )
+    items = [
+        (4 + (6 if high else 0), f"learning rate too high ({fmt_lr(lr)}{typical})", lr_fix),
+        (
+            3 + (5 if clip == 0 else 0) - (2 if clip and clip <= SAFE_MAX_GRAD_NORM else 0),
+            clip_text,
+            Fix(
+                f"training.max_grad_norm={SAFE_MAX_GRAD_NORM}",
+                f"clip each update's gradient norm to {SAFE_MAX_GRAD_NORM}",
+            ),
+        ),
+        (
+            2 + (3 if warmup == 0 else 0),
+            warm_text,
+            Fix(f"training.warmup_steps={warm}", "ramp the rate up so the first updates are small"),
+        ),
+        (
+            1,
+            "a bad example in the batch (empty target, extreme length, garbage tokens)",
+            Fix(
+                None,
+                "filter the dataset: `tunewise inspect` shows examples with no trained tokens or "
+                "extreme length",
+            ),
+        ),
+    ]
+    return rank_advice(items)
+
+
+def recovery_fixes(learning_rate: float, max_grad_norm: float | None) -> list[Fix]:
+    """The divergence fixes in the order `doctor.on_divergence: recover` applies them, one per attempt:
+    the learning rate / 10, then clipping (unless it is tight already), then warmup."""
+    order = [Fix(f"training.learning_rate={learning_rate / LR_CUT:.3g}", f"learning rate / {LR_CUT}")]
+    if not max_grad_norm or max_grad_norm > SAFE_MAX_GRAD_NORM:
+        order.append(
+            Fix(f"training.max_grad_norm={SAFE_MAX_GRAD_NORM}", f"clip gradients at {SAFE_MAX_GRAD_NORM}")
+        )
+    order.append(
+        Fix(
+            f"training.warmup_steps={RECOVERY_WARMUP_STEPS}",
+            f"warm up over {RECOVERY_WARMUP_STEPS} steps",
+        )
+    )
+    return order
+
+
+def flat_advice(method: str | None, lr: float | None, grad: float | None, zero_tokens: bool) -> Advice:
+    """Causes and fixes of a loss that does not move, ranked with the run's facts."""
+    low = lr is not None and lr < LOW_LR.get(method, LOW_LR[None])
+    if low and method in ("lora", "qlora"):
+        lr_text = f"learning rate {fmt_lr(lr)} is too low: a LoRA run at a full-fine-tuning rate"
+    elif low:
+        lr_text = f"learning rate {fmt_lr(lr)} is too low for {method or 'any'} fine-tuning"
+    else:
+        lr_text = f"learning rate too low ({fmt_lr(lr)})"
+    no_grad = grad is not None and grad < 1e-8
+    masked = " (trainable_tokens is 0)" if zero_tokens else ""
+    items = [
+        (
+            3 + (20 if masked else 0),
+            f"labels are masked: few or no tokens are trained{masked}",
+            Fix("data.train_on=assistant", "train the assistant turns; `tunewise inspect` shows the -100s"),
+        ),
+        (
+            2 + (10 if low else 0),
+            lr_text,
+            Fix(f"training.learning_rate={fmt_lr(lr * LR_CUT)}" if lr else None, "a 10x larger rate"),
+        ),
+        (
+            1 + (15 if no_grad else 0),
+            "the adapter receives no gradients" + (f" (median grad_norm {num(grad)})" if no_grad else ""),
+            Fix(
+                None,
+                "with gradient checkpointing on a PEFT model call "
+                "`model.enable_input_require_grads()` so gradients reach the adapter; check that "
+                "trainable parameters are > 0",
+            ),
+        ),
+    ]
+    return rank_advice(items)
+
+
+def masking_advice() -> Advice:
+    """Causes and fixes of batches without trained tokens, most likely first."""
+    return rank_advice(
+        [
+            (
+                3,
+                "labels are masked: every label is -100 (trained_tokens 0), so no token carries loss",
+                Fix(
+                    "data.train_on=assistant",
+                    "train the assistant turns; `tunewise inspect` shows which tokens are trained "
+                    "(the -100s)",
+                ),
+            ),
+            (
+                2,
+                "the responses are cut off: the prompt fills data.max_seq_length, leaving no response token",
+                Fix(
+                    "data.too_long=drop",
+                    "drop examples whose response does not fit (or raise "
+                    "data.max_seq_length); `tunewise check` lists them",
+                ),
+            ),
+            (
+                1,
+                "the data was read wrongly: no turn is recognised as the assistant's",
+                Fix(None, "`tunewise inspect` shows how each row was read and which role each turn got"),
+            ),
+        ]
+    )
+
+
+def overfit_advice(method: str | None, best_eval_epoch: float | None) -> Advice:
+    """Causes and fixes of overfitting, in the order to try them (no adapter fixes for a full fine-tune)."""
+    known = finite(best_eval_epoch)
+    when = f": eval loss was best at epoch {best_eval_epoch:.2f}" if known else ""
+    epochs = max(1, round(best_eval_epoch)) if known else 1
+    items = [
+        (
+            5,
+            "too little data for this many passes: the model memorizes it",
+            Fix(None, "add more, or more varied, training examples"),
+        ),
+        (4, f"too many epochs{when}", Fix(f"training.num_train_epochs={epochs}", "stop near the best eval")),
+        (3, "too little adapter dropout", Fix("adapter.dropout=0.1", "dropout regularizes the adapter")),
+        (
+            2,
+            "adapter rank larger than the data needs",
+            Fix("adapter.r=4", "a smaller adapter memorizes less"),
+        ),
+        (1, "too little weight decay", Fix("training.weight_decay=0.01", "pulls weights toward zero")),
+    ]
+    if method == "full":
+        items = [item for item in items if not (item[2].change or "").startswith("adapter.")]
+    return rank_advice(items)
+
+
+def memory_advice() -> Advice:
+    """Causes and fixes of memory near the device's limit."""
+    return ["batch or sequence length too large for this device"], []

@@ -1,0 +1,162 @@
+"""Overfitting rules: eval rising, a growing train-eval gap, memorization, epoch-boundary drops.
+
+- overfitting: eval loss rose at 2 evals in a row (> EVAL_RISE, 1%, in all) while train loss fell.
+- generalization_gap: eval minus the mean of the last 10 train losses > GAP_LIMIT (healthy is about
+  0.1-0.3) plus 2 standard errors of that mean, and growing.
+- memorization: train < MEMORIZED_TRAIN with eval > MEMORIZED_EVAL.
+- epoch_drop: train loss falls at an epoch boundary by > EPOCH_DROP of it (and > EPOCH_DROP_MIN),
+  > 3x its fall just before, and > 3 standard errors of its noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tunewise.doctor.advice import overfit_advice
+from tunewise.doctor.curve import finite
+from tunewise.doctor.findings import Advice, Finding, num
+
+if TYPE_CHECKING:
+    from tunewise.doctor.watcher import CurveWatcher
+
+GAP_LIMIT, MEMORIZED_TRAIN, MEMORIZED_EVAL = 0.3, 0.1, 1.0
+EPOCH_DROP, EPOCH_DROP_MIN, EVAL_RISE = 0.10, 0.05, 0.01
+
+
+class _Eval(NamedTuple):
+    step: int
+    loss: float
+    train: float | None  # recent train loss, for the gap
+    train_se: float  # its standard error
+    epoch: float | None
+
+
+class OverfittingRules:
+    """The overfitting family: reads the evaluations against the train losses around them."""
+
+    def __init__(self, watch: CurveWatcher):
+        self.watch = watch
+        self.by_epoch: dict[int, list[float]] = {}  # epoch index -> its finite train losses
+        self.evals: list[_Eval] = []
+
+    def record(self, step: int, loss: float, epoch: float | None) -> None:
+        """File a finite train loss under its epoch (from the logged epoch, else steps_per_epoch)."""
+        per_epoch = self.watch.steps_per_epoch
+        # Trainer logs epoch 1.0 on the last step of the first epoch, so (0, 1] is epoch 0.
+        index = (
+            max(0, math.ceil(epoch - 1e-9) - 1)
+            if finite(epoch) and epoch > 0
+            else (step - 1) // per_epoch
+            if per_epoch
+            else None
+        )
+        if index is not None:
+            self.by_epoch.setdefault(index, []).append(loss)
+
+    def observe_eval(self, step: int, eval_loss: float, epoch: float | None) -> list[Finding]:
+        self.evals.append(_Eval(step, eval_loss, *self._recent_train(), epoch))
+        if eval_loss <= min(e.loss for e in self.evals):
+            self.watch.close("overfitting", step)
+        return self._check_eval_rising(step) + self._check_gap(step) + self._check_memorized(step)
+
+    def _recent_train(self) -> tuple[float | None, float]:
+        """Mean of the last 10 train losses since the previous eval, and its standard error."""
+        losses = self.watch.losses
+        since = self.evals[-1].step if self.evals else -1
+        recent = [x for step, x in losses if step > since][-10:] or [x for _, x in losses[-10:]]
+        if len(recent) < 2:
+            return (recent[0] if recent else None), 0.0
+        return statistics.fmean(recent), statistics.stdev(recent) / math.sqrt(len(recent))
+
+    def _best_eval(self) -> dict[str, Any]:
+        if not self.evals:
+            return {}
+        best = min(self.evals, key=lambda e: e.loss)
+        return {"best_eval_step": best.step, "best_eval_loss": best.loss, "best_eval_epoch": best.epoch}
+
+    def check_epoch_drop(self, step: int) -> list[Finding]:
+        if not self.by_epoch or self.watch.fired("epoch_drop"):
+            return []
+        index = max(self.by_epoch)
+        now, before = self.by_epoch[index], self.by_epoch.get(index - 1, [])
+        if len(now) != 3 or len(before) < 6:
+            return []
+        last, after = statistics.fmean(before[-3:]), statistics.fmean(now)
+        drop, trend = last - after, statistics.fmean(before[-6:-3]) - last
+        diffs = [b - a for a, b in zip(before, before[1:], strict=False)]
+        noise = statistics.stdev(diffs) / math.sqrt(2)
+        # 3 standard errors of the difference of two 3-point means
+        if drop <= max(EPOCH_DROP * last, EPOCH_DROP_MIN, 3 * trend, 3 * noise * math.sqrt(2 / 3)):
+            return []
+        title = (
+            f"train loss dropped {drop / last:.0%} at the start of epoch {index + 1} ({num(last)} -> "
+            f"{num(after)}) against {num(trend)} over the steps before: the model is memorizing"
+        )
+        evidence = {
+            "step": step,
+            "epoch": index + 1,
+            "loss_before": last,
+            "loss_after": after,
+            "drop": drop,
+            "drop_before": trend,
+            **self._best_eval(),
+        }
+        return [Finding(step, "warning", "epoch_drop", title, evidence, *self.advice())]
+
+    def _check_eval_rising(self, step: int) -> list[Finding]:
+        if len(self.evals) < 3:
+            return []
+        (a, train_a), (b, _), (c, train_c) = [(e.loss, e.train) for e in self.evals[-3:]]
+        train_falls = train_a is None or train_c is None or train_c < train_a
+        rising = a < b < c and c - a > EVAL_RISE * a and train_falls
+        if not rising or not self.watch.open("overfitting", step):
+            return []
+        best = self._best_eval()
+        title = (
+            f"eval loss rose 2 evals in a row: {num(a)} -> {num(b)} -> {num(c)} at step {step} "
+            f"(best {num(best['best_eval_loss'])} at step {best['best_eval_step']}) while train loss "
+            f"fell to {num(train_c)}"
+        )
+        evidence = {"step": step, "eval_loss": c, "train_loss": train_c, **best}
+        return [Finding(step, "warning", "overfitting", title, evidence, *self.advice())]
+
+    def _check_gap(self, step: int) -> list[Finding]:
+        if len(self.evals) < 2 or self.watch.fired("generalization_gap"):
+            return []
+        prev, now = self.evals[-2:]
+        if prev.train is None or now.train is None:
+            return []
+        gap, prev_gap = now.loss - now.train, prev.loss - prev.train
+        # Two standard errors of margin: per-step train losses are noisy.
+        if gap <= GAP_LIMIT + 2 * now.train_se or gap <= prev_gap:
+            return []
+        title = (
+            f"train-eval gap grew to {gap:.2f} at step {step} (was {prev_gap:.2f}; healthy is about "
+            f"0.1-0.3): eval {num(now.loss)}, train {num(now.train)}"
+        )
+        evidence = {
+            "step": step,
+            "gap": gap,
+            "previous_gap": prev_gap,
+            "eval_loss": now.loss,
+            "train_loss": now.train,
+            **self._best_eval(),
+        }
+        return [Finding(step, "warning", "generalization_gap", title, evidence, *self.advice())]
+
+    def _check_memorized(self, step: int) -> list[Finding]:
+        eval_loss, train = self.evals[-1].loss, self.evals[-1].train
+        memorized = train is not None and train < MEMORIZED_TRAIN and eval_loss > MEMORIZED_EVAL
+        if not memorized or self.watch.fired("memorization"):
+            return []
+        title = (
+            f"train loss {num(train)} while eval loss is {num(eval_loss)} at step {step}: the "
+            "training set is memorized"
+        )
+        evidence = {"step": step, "train_loss": train, "eval_loss": eval_loss, **self._best_eval()}
+        return [Finding(step, "warning", "memorization", title, evidence, *self.advice())]
+
+    def advice(self) -> Advice:
+        return overfit_advice(self.watch.method, self._best_eval().get("best_eval_epoch"))

@@ -1,0 +1,138 @@
+"""The doctor's coordinator: `CurveWatcher` sees a run point by point and feeds each rule family.
+
+The live monitor (tunewise.training.monitor) feeds it every optimizer step; `diagnose.diagnose_curve`
+replays a logged run through it. The rules live by family, each in its own module with its
+thresholds ("point" = one logged train entry: each optimizer step live, each `logging_steps` in a
+Trainer log):
+
+- divergence.py: non-finite values, loss spikes and explosions, gradient-norm spikes;
+- progress.py: a loss that is not falling early on, or flat;
+- masking.py: batches that train no token;
+- overfitting.py: eval rising, a growing train-eval gap, memorization, epoch-boundary drops.
+
+The watcher holds what they share: the run's facts, the finite losses seen, the findings so far and
+the open episodes. One finding per code per episode: an episode (non-finite values, a spike, eval
+rising) opens when a rule fires and closes when the curve is back; closed ones are in `recovered`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tunewise.doctor.curve import finite, hides_nan
+from tunewise.doctor.divergence import DivergenceRules
+from tunewise.doctor.findings import Finding, Severity
+from tunewise.doctor.masking import MaskingRules
+from tunewise.doctor.overfitting import OverfittingRules
+from tunewise.doctor.progress import ProgressRules
+
+logger = logging.getLogger(__name__)
+
+WATCHER_KEYS = ("method", "learning_rate", "max_grad_norm", "warmup_steps", "total_steps", "steps_per_epoch")
+
+
+class CurveWatcher:
+    """The doctor's rules, fed one point at a time; each observe_* returns only new findings."""
+
+    def __init__(
+        self,
+        method: str | None = None,
+        learning_rate: float | None = None,
+        max_grad_norm: float | None = None,
+        warmup_steps: int | None = None,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+    ):
+        self.method = method.lower() if method else None
+        self.learning_rate, self.max_grad_norm, self.warmup_steps = learning_rate, max_grad_norm, warmup_steps
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.findings: list[Finding] = []
+        self.open_episodes: dict[str, int] = {}  # code -> step it began
+        self.recovered: list[tuple[str, int, int]] = []  # (code, began, ended)
+        self.losses: list[tuple[int, float]] = []  # every finite (step, loss)
+        self.peak_lr: float | None = None
+        self.zero_tokens = False  # some step trained no token
+        self.last_step = 0
+        self.divergence = DivergenceRules(self)
+        self.progress = ProgressRules(self)
+        self.masking = MaskingRules(self)
+        self.overfitting = OverfittingRules(self)
+
+    def observe_train(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None,
+        lr: float | None,
+        epoch: float | None,
+        trainable_tokens: int | None = None,
+    ) -> list[Finding]:
+        """Check one optimizer (or logged) step; returns the findings it raised."""
+        self.last_step = step
+        if finite(lr):
+            self.peak_lr = max(self.peak_lr or 0.0, lr)
+        self.zero_tokens |= trainable_tokens == 0
+        bad = hides_nan(loss, grad_norm) or not finite(loss) or not (grad_norm is None or finite(grad_norm))
+        if trainable_tokens != 0:
+            self.masking.trained(step)
+        if bad and trainable_tokens == 0:
+            new = self.masking.on_untrained(step)  # 0/0: nothing to learn, not a divergence
+        elif bad:
+            new = self.divergence.on_non_finite(step, loss, grad_norm, lr, trainable_tokens)
+        else:
+            self.close("non_finite", step)
+            new = self.divergence.check_loss(step, loss) + self.divergence.check_grad_norm(step, grad_norm)
+            self.losses.append((step, loss))
+            self.divergence.record(step, loss)
+            self.overfitting.record(step, loss, epoch)
+            new += self.progress.check(step) + self.overfitting.check_epoch_drop(step)
+        self.findings += new
+        return new
+
+    def observe_eval(self, step: int, eval_loss: float | None, epoch: float | None) -> list[Finding]:
+        """Check one evaluation; returns the findings it raised."""
+        if not finite(eval_loss):
+            return []  # a non-finite eval follows a non-finite train loss, which is reported already
+        new = self.overfitting.observe_eval(step, eval_loss, epoch)
+        self.findings += new
+        return new
+
+    def finish(self) -> list[Finding]:
+        """End-of-run checks: a spike that never came back, nothing trained, a loss that stayed flat."""
+        new = self.divergence.finish() + self.masking.finish() + self.progress.finish()
+        self.findings += new
+        return new
+
+    @property
+    def end_change(self) -> float | None:
+        """Relative change of the loss from the start to the end of the run; set by finish()."""
+        return self.progress.end_change
+
+    @property
+    def flat_at_end(self) -> bool:
+        return self.progress.flat_at_end
+
+    @property
+    def nothing_trained(self) -> bool:
+        """No token trained for many steps in a row (or at all), and no falling loss after."""
+        return self.fired("no_trainable_tokens", "error") and (self.end_change is None or self.flat_at_end)
+
+    def trouble_began(self, step: int) -> int:
+        """The step where the climb that ended in a divergence at `step` began (see divergence.py)."""
+        return self.divergence.trouble_began(step)
+
+    # -- episodes, shared by every family
+    def open(self, code: str, step: int) -> bool:
+        """Open an episode; False when one with this code is open already (no repeated findings)."""
+        if code in self.open_episodes:
+            return False
+        self.open_episodes[code] = step
+        return True
+
+    def close(self, code: str, step: int) -> None:
+        if code in self.open_episodes:
+            self.recovered.append((code, self.open_episodes.pop(code), step))
+
+    def fired(self, code: str, severity: Severity | None = None) -> bool:
+        """Whether a finding with this code (and severity) was raised already: the once-per-run rules."""
+        return any(f.code == code and severity in (None, f.severity) for f in self.findings)
