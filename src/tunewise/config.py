@@ -106,6 +106,25 @@ class DoctorConfig:
     early_stopping_patience: int = setting(0, "evaluations without improvement before stopping (0: off)")
 
 
+@dataclass
+class EvalConfig:
+    """What `tunewise eval` measures on the test split besides loss and perplexity."""
+
+    metrics: list[str] = setting(
+        [], "exact_match, normalized_match, valid_json, field_accuracy, rouge_l; empty: chosen from the data"
+    )
+    metric: str | None = setting(
+        None, "your own metric, path/to/metric.py:function(prediction, reference) -> number"
+    )
+    max_new_tokens: int | None = setting(
+        None, "tokens generated per answer; empty: the longest reference + 25% (8 at least)"
+    )
+    batch_size: int = setting(32, "prompts generated at once (bigger batches cost little per prompt)")
+    rephrased: str | None = setting(
+        None, "memorization check: training rows with reworded prompts; empty: tunewise perturbs them"
+    )
+
+
 # The lesson's recommended TrainingArguments; hardware-dependent ones (bf16/fp16, optim) resolve at run time.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3,
@@ -150,7 +169,13 @@ IGNORED_TRAINING_KEYS = {
 }
 # Keys tutorials put in the training section that belong elsewhere here.
 MOVED_TRAINING_KEYS = {"max_seq_length": "data.max_seq_length", "max_length": "data.max_seq_length"}
-SECTION_TYPES = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "doctor": DoctorConfig}
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "doctor": DoctorConfig,
+    "eval": EvalConfig,
+}
 TOP_LEVEL_SCALARS = {"name": str, "output_dir": str}
 
 
@@ -165,6 +190,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field by its own name
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = "<defaults>"  # where the config came from, for messages
     notices: list[str] = field(default_factory=list)  # one-line notices (legacy names mapped, ...)
 
@@ -615,7 +641,7 @@ def starter_config_text() -> str:
     ]
     for key in TOP_LEVEL_SCALARS:
         out.append(f"{key}: {_scalar(getattr(cfg, key))}  # {_COMMENTS[key]}")
-    for section in ["model", "adapter", "data", "training", "doctor"]:
+    for section in ["model", "adapter", "data", "training", "doctor", "eval"]:
         out.append(f"{section}:")
         if section == "training":
             values, comments = cfg.training, _COMMENTS
