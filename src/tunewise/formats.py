@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import logging
+import re
+import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them i
 }
 MAX_LISTED = 10  # problems listed in one DataError
 SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
+MAX_DEPTH = 200  # brackets deeper than this are blamed when Python's JSON reader runs out of stack
+SURROGATE = re.compile("[\ud800-\udfff]")  # lone UTF-16 halves: Python strings hold them, tokenizers cannot
+_SHORT = reprlib.Repr()  # a bounded repr of a bad value, however long or deep
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
 
 
 class RowProblem(Exception):
@@ -59,9 +65,7 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
-        text = path.read_bytes().decode("utf-8", "surrogateescape")
-        rows = csv.DictReader(io.StringIO(text, newline=""))
-        return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
+        return _read_csv(path, path.read_bytes().decode("utf-8", "surrogateescape"))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -72,6 +76,53 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
     raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
                     "or a directory written by `datasets.Dataset.save_to_disk`")
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[str, Any]]:
+    """Rows under the header line; a row with more cells than the header is a `RowProblem`."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    out: list[tuple[str, Any]] = []
+    try:
+        for i, row in enumerate(reader):
+            if None in row:  # DictReader files cells beyond the header under the key None
+                out.append((f"{path}:row {i}", RowProblem(
+                    "bad_structure", f"the row has {len(row[None])} more cell(s) than the header",
+                    "quote cells that hold commas, or add the missing column names to the header")))
+            else:
+                out.append((f"{path}:row {i}", row))
+    except csv.Error as exc:  # an unclosed quote or a cell over the csv module's size limit
+        raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({exc}); close the quotes "
+                        "(an unclosed quote swallows the lines after it) or store long texts as JSONL"
+                        ) from None
+    return out
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """What is wrong with text `json.loads` refused, in words."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return f"not readable JSON (nested too deep for Python's reader; keep it under {MAX_DEPTH} levels)"
+    return f"not readable JSON ({exc})"  # e.g. an integer of more than 4300 digits
+
+
+def _deep_line(text: str) -> int:
+    """The 1-based line where brackets (outside strings) first nest deeper than MAX_DEPTH, else 1."""
+    depth, line, in_string, escaped = 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return 1
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -87,9 +138,9 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             out.append((source, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            what = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            out.append((source, RowProblem("malformed_json", what, "write one JSON object per line")))
+        except (ValueError, RecursionError) as exc:
+            problem = RowProblem("malformed_json", _json_problem(exc), "write one JSON object per line")
+            out.append((source, problem))
     return out
 
 
@@ -98,10 +149,11 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
     text = path.read_bytes().decode("utf-8", "surrogateescape")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
             return _read_jsonl(path, text)
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+        line = exc.lineno if isinstance(exc, json.JSONDecodeError) else _deep_line(text)
+        raise DataError(f"{path}:{line}: {_json_problem(exc)}; "
                         "fix the file (a list of rows, {\"data\": [...]}, or one object per line)") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -116,7 +168,10 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, Any]]:
     from datasets import load_from_disk
 
     if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (ValueError, KeyError, TypeError, RecursionError):  # unreadable: no split names to offer
+            splits = []
         raise DataError(f"{path}: is a DatasetDict with splits {splits}; point the path at one split "
                         f"directory, e.g. {path / (splits[0] if splits else 'train')}")
     try:
@@ -127,14 +182,33 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, Any]]:
 
 
 def _has_bad_bytes(value: Any) -> bool:
-    """True when a string (anywhere in the value) holds undecodable bytes (surrogateescape)."""
-    if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
-    if isinstance(value, dict):
-        return any(_has_bad_bytes(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_bad_bytes(v) for v in value)
+    """True when a string (anywhere in the value, keys too) holds undecodable bytes (surrogateescape).
+
+    Walks with a stack, not recursion: a row may nest as deep as the JSON reader allows.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any("\udc80" <= ch <= "\udcff" for ch in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return False
+
+
+def surrogate_problem(text: str, what: str) -> RowProblem | None:
+    """A problem when `text` holds a lone UTF-16 surrogate (JSON `"\\ud800"`), which tokenizers reject."""
+    found = SURROGATE.search(text)
+    if found is None:
+        return None
+    return RowProblem("bad_text", f"{what} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at "
+                                  f"character {found.start()}, which no tokenizer can encode",
+                      "remove it or write the character it stands for (a JSON pair such as "
+                      "\\ud83d\\ude00 is fine)")
 
 
 # ----------------------------------------------------------------------------- rows -> conversations
@@ -148,7 +222,7 @@ def detect_format(row: Any, cfg: DataConfig) -> str:
         for fmt, fields in FORMAT_FIELDS.items():
             if all(cfg.columns.get(f, f) in row for f in fields):
                 return fmt
-    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    keys = sorted(map(str, row)) if isinstance(row, dict) else type(row).__name__
     raise DataError(f"cannot tell the data format from the first row (keys: {keys}); expected "
                     "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or `text`. "
                     "Set `data.format` and map your column names with `data.columns`, "
@@ -169,7 +243,7 @@ def _field(row: dict, name: str, cfg: DataConfig, required: bool = True) -> Any:
 def _text(value: Any, what: str) -> str:
     """A string field, or a problem naming the type found."""
     if not isinstance(value, str):
-        found = f"{type(value).__name__} {str(value)[:40]!r}"
+        found = f"{type(value).__name__} {_SHORT.repr(value)}"
         raise RowProblem("non_string_content", f"{what} is {found}, not a string", "write it as a string")
     return value
 
@@ -185,8 +259,8 @@ def _message(raw: Any, index: int) -> dict:
         missing = "role" if role is None else "content"
         raise RowProblem("missing_field", f"message {index} has no `{missing}`",
                           "give every message a role and a content (ShareGPT: from and value)")
-    if role not in SHAREGPT_ROLES:
-        raise RowProblem("unknown_role", f"message {index} has role {role!r}",
+    if not isinstance(role, str) or role not in SHAREGPT_ROLES:
+        raise RowProblem("unknown_role", f"message {index} has role {_SHORT.repr(role)}",
                           "use system, user or assistant (ShareGPT: system, human or gpt)")
     role = SHAREGPT_ROLES[role]
     content = _text(content, f"message {index} ({role}) content")
@@ -209,7 +283,7 @@ def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
         if isinstance(raw, str):  # CSV cells hold the list as JSON text
             try:
                 raw = json.loads(raw)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise RowProblem("bad_structure", "the messages cell is not a JSON list",
                                   "write the messages as a JSON list of {role, content}") from None
         if not isinstance(raw, list) or not raw:
@@ -230,9 +304,13 @@ def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
         text = _text(_field(row, "text", cfg), "`text`")
         if not text.strip():
             raise RowProblem("empty_text", "the `text` is empty", "remove the row")
-        return [{"role": TEXT_ROLE, "content": text}]
-    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": TEXT_ROLE, "content": text}]
+    if cfg.system_prompt and messages[0]["role"] not in ("system", TEXT_ROLE):
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    for i, message in enumerate(messages):
+        problem = surrogate_problem(message["content"], f"message {i} ({message['role']})")
+        if problem is not None:
+            raise problem
     return messages
 
 
