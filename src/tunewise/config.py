@@ -10,8 +10,11 @@ import dataclasses
 import difflib
 import enum
 import logging
+import re
+import tempfile
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -188,6 +191,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    key_lines: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)  # key path -> line
+    override_texts: dict[tuple[str, ...], str] = field(default_factory=dict, repr=False)  # as written
     training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field by its own name
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -210,32 +215,63 @@ class Config:
 # ----------------------------------------------------------------------------- YAML with line numbers
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML document to its 1-based line, for error messages."""
+def _yaml_lines(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    stack, seen = [(root, ())], set()
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, yaml.MappingNode) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for key_node, value_node in node.value:
+            key_path = (*path, str(key_node.value))
+            lines.setdefault(key_path, key_node.start_mark.line + 1)
+            stack.append((value_node, key_path))
+    return lines
+    """Map each key path of a composed YAML document to its 1-based line, for error messages.
+
+    An aliased mapping is walked once: `*anchor` chains would otherwise make the walk exponential.
+    """
     lines: dict[tuple[str, ...], int] = {}
 
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key_path = (*path, str(key_node.value))
-                lines[key_path] = key_node.start_mark.line + 1
-                walk(value_node, key_path)
 
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The document and its key lines; raises yaml.YAMLError, or ValueError naming the line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        line = loader.get_mark().line + 1
+        raise ValueError(f"{line}:nested too deep to read; flatten it") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+        line = loader.get_mark().line + 1
+        raise ValueError(f"{line}:{exc}; shorten the value") from None
+    finally:
+        loader.dispose()
+    return data, _yaml_lines(root)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Read a YAML config file; errors name the file and line."""
     if not path.is_file():
         raise ConfigError([f"config file `{path}` does not exist; create one with `tunewise init {path}`"])
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text) or {}
-        lines = _yaml_lines(text)
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"`{path}` cannot be read ({exc.strerror}); check its permissions"]) from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{path}:{line}: byte {raw[exc.start]:#04x} is not UTF-8; re-save the file as UTF-8"]
+        ) from None
+    try:
+        data, lines = _parse_yaml(text)
+        data = {} if data is None else data
     except yaml.YAMLError as exc:
+    except ValueError as exc:
+        line, _, what = str(exc).partition(":")
+        raise ConfigError([f"{path}:{line}: cannot read the YAML ({what})"]) from None
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(
@@ -258,7 +294,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError([f"override `{text}` has no key; write e.g. `training.learning_rate=1e-4`"])
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):  # not YAML: the text as written
         value = raw
     return path, value
 
@@ -336,9 +372,11 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return [_coerce(v, args[0]) if args else v for v in value]
         raise ValueError("a list")
     if origin is dict or annotation is dict:
-        if isinstance(value, dict):
-            return value
-        raise ValueError("a mapping")
+        if not isinstance(value, dict):
+            raise ValueError("a mapping")
+        if len(args) == 2:
+            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+        return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -389,7 +427,8 @@ class _Problems:
 
     def where(self, path: tuple[str, ...]) -> str:
         if path in self.overrides:
-            return f"override `{self.overrides[path]}`"
+            text = self.overrides[path]  # a pasted blob is shown by its ends
+            return f"override `{text if len(text) <= 100 else text[:80] + '...' + text[-10:]}`"
         line = self.lines.get(path)
         return f"{self.source}:{line}: `{'.'.join(path)}`" if line else f"{self.source}: `{'.'.join(path)}`"
 
@@ -540,9 +579,166 @@ def build_config(
                 top[key] = _coerce(data[key], typ)
             except ValueError as exc:
                 problems.add((key,), f"is {data[key]!r}; expected {exc}")
-    cfg = Config(**top, **sections, training=training, source=source, notices=notices)
+    cfg = Config(
+        **top,
+        **sections,
+        training=training,
+        source=source,
+    _check_run_name(cfg, problems)
+    _check_text(data, problems)
+        notices=notices,
+        key_lines=problems.lines,
+    explicit = set(cfg.training)
+        override_texts=problems.overrides,
+    _align_checkpoint_defaults(cfg, explicit)
+    _check_training_arguments(cfg, explicit, None, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    )
     _check_ranges(cfg, problems)
     if problems.items:
+def _check_text(data: dict[str, Any], problems: _Problems) -> None:
+    """Every string in the config is text a tokenizer and a file system can take (no lone surrogates)."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    seen: set[int] = set()
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            found = SURROGATE.search(value)
+            if found:
+                problems.add(
+                    path,
+                    f"holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at character "
+                    f"{found.start()}; remove it or write the character it stands for",
+                )
+        elif isinstance(value, dict | list) and id(value) not in seen:  # YAML aliases share objects
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, (*path, str(k)) if isinstance(value, dict) else path) for k, v in items)
+
+
+def _check_run_name(cfg: Config, problems: _Problems) -> None:
+    """A run name is one directory name under `output_dir`: it can never place files elsewhere."""
+    name = cfg.name
+    if name is None:
+        return
+    if run_name_problem(name):
+        problems.add(("name",), f"is {name!r}; {run_name_problem(name)}")
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run or trial directory name under `output_dir`, with the fix; None if it can."""
+    bad = not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or ":" in name[1:2]
+    if not bad:
+        return None
+    safe = re.sub(r"[^\w.-]+", "-", name).strip(".-") or "my-run"
+    return (
+        f"a run name is one directory name under `output_dir` (no `/`, `\\`, `..` or drive letter), so a run "
+        f"can never write outside it; use e.g. `name: {safe}` and set `output_dir` for the place"
+    )
+
+
+def has_validation(data: DataConfig) -> bool:
+    """Whether the run will evaluate: a validation file or split, or the bundled dataset (which has one)."""
+    return data.train is None or data.validation is not None or data.validation_split is not None
+
+
+def validate_training_arguments(cfg: Config, hardware: dict[str, Any] | None = None) -> None:
+    """Build the real `TrainingArguments` from the config, as the run will, and map its refusals to keys.
+
+    Call it with the resolved hardware choices (`bf16`, `fp16`, `use_cpu`, `optim`) before any weights
+    load; `build_config` already calls it without them.
+
+    Raises:
+        ConfigError: each refusal at the key the user wrote (file:line or the override), with the fix.
+    """
+    problems = _Problems(cfg.source, cfg.key_lines, cfg.override_texts)
+    written = {p[1] for p in [*cfg.key_lines, *cfg.override_texts] if len(p) == 2 and p[0] == "training"}
+    explicit = written or {k for k, v in cfg.training.items() if TRAINING_DEFAULTS.get(k) != v}
+    _check_training_arguments(cfg, explicit, hardware, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+
+
+def _check_training_arguments(
+    cfg: Config, explicit: set[str], hardware: dict[str, Any] | None, problems: _Problems
+) -> None:
+    """Construct TrainingArguments in a temporary directory; a refusal becomes a problem at its key."""
+    from transformers import TrainingArguments
+
+    kwargs = {**cfg.training, **(hardware or {}), "report_to": "none", "disable_tqdm": True}
+    if not has_validation(cfg.data):  # the run turns evaluation off when there is nothing to evaluate
+        kwargs.update(eval_strategy="no", load_best_model_at_end=False)
+    accelerator = kwargs.get("accelerator_config")
+    if accelerator is None or isinstance(accelerator, dict):
+        # Validation runs before device set-up; this makes set-up refuse (see below) instead of creating
+        # accelerate's process-wide state at config time.
+        kwargs["accelerator_config"] = {**(accelerator or {}), "use_configured_state": True}
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            TrainingArguments(output_dir=out, **kwargs)
+        except Exception as exc:  # ValueError mostly; also TypeError, ImportError from optional backends
+            message = str(exc)
+            if "use_configured_state" not in message:  # every check passed; device set-up was refused
+                path, text = _explain_refusal(message, cfg, explicit)
+                problems.add(path, text)
+
+
+def _multiples(value: float, step: int) -> tuple[int, int]:
+    """The two multiples of `step` around `value` (the lower one at least `step`)."""
+    low = max(step, int(value // step) * step)
+    return low, low + step
+
+
+def _explain_refusal(message: str, cfg: Config, explicit: set[str]) -> tuple[tuple[str, ...], str]:
+    """The key to blame for a TrainingArguments refusal and the sentence to say, with the fix."""
+    t = cfg.training
+    save, ev = t.get("save_steps"), t.get("eval_steps") or t.get("logging_steps")
+    because = "because `load_best_model_at_end` is on"
+    off = "or set `training.load_best_model_at_end: false`"
+    if "multiple of the evaluation" in message and isinstance(save, int) and isinstance(ev, int) and ev > 0:
+        if "save_steps" in explicit or "eval_steps" not in explicit:
+            a, b = _multiples(save, ev)
+            return ("training", "save_steps"), (
+                f"must be a multiple of `eval_steps` ({ev}) {because}: use {a} or {b} ({off})"
+            )
+        divisors = [d for d in range(1, save + 1) if save % d == 0]
+        below = max([d for d in divisors if d <= ev], default=1)
+        above = min([d for d in divisors if d >= ev], default=save)
+        use = f"{below} or {above}" if below != above else f"{below}"
+        return ("training", "eval_steps"), (f"must divide `save_steps` ({save}) {because}: use {use} ({off})")
+    if "save and eval strategy to match" in message:
+        key = (
+            "save_strategy"
+            if "save_strategy" in explicit or "eval_strategy" not in explicit
+            else "eval_strategy"
+        )
+        other = "eval_strategy" if key == "save_strategy" else "save_strategy"
+        return ("training", key), (
+            f"is {_plain(t.get(key))} but `{other}` is {_plain(t.get(other))}; they must match {because}: "
+            f"set `training.{key}: {_plain(t.get(other))}` ({off})"
+        )
+    if ("bf16" in message or "fp16" in message) and not explicit & {"bf16", "fp16", "bf16_full_eval"}:
+        return ("model", "precision"), (
+            f"is {cfg.model.precision!r}, not runnable here: {message} Use `model.precision: auto`"
+        )
+    named = sorted((k for k in explicit if re.search(rf"\b{re.escape(k)}\b", message)), key=len, reverse=True)
+    if named:
+        key = named[0]
+        return ("training", key), (
+            f"is {t.get(key)!r}; transformers' TrainingArguments refuses it: {message} Change it as it says"
+        )
+    return (
+        "training",
+    ), f"is refused by transformers' TrainingArguments: {message} Change the settings it names"
+
+
+def _plain(value: Any) -> str:
+    """An enum or a string as the user writes it in YAML."""
+    return str(getattr(value, "value", value))
+
+
         raise ConfigError(problems.items)
     _fill_training_defaults(cfg)
     return cfg
@@ -563,6 +759,43 @@ def _fill_training_defaults(cfg: Config) -> None:
         )
     if (
         str(cfg.training["eval_strategy"]) in ("no", "IntervalStrategy.NO")
+def _align_checkpoint_defaults(cfg: Config, explicit: set[str]) -> None:
+    """Move a default save cadence onto the user's eval cadence, which `load_best_model_at_end` needs.
+
+    Only values the user did not write change, each with a notice; two written values that disagree
+    are left for `_check_training_arguments` to report.
+    """
+    t = cfg.training
+    if not (t.get("load_best_model_at_end") and has_validation(cfg.data)):
+        return
+    ev_strategy, save_strategy = _plain(t.get("eval_strategy")), _plain(t.get("save_strategy"))
+    if (
+        ev_strategy not in ("no", "False")
+        and ev_strategy != save_strategy
+        and "save_strategy" not in explicit
+    ):
+        t["save_strategy"] = ev_strategy
+        cfg.notices.append(
+            f"training.save_strategy follows eval_strategy ({ev_strategy}): "
+            "load_best_model_at_end needs them to match"
+        )
+    save, ev = t.get("save_steps"), t.get("eval_steps")
+    if _plain(t.get("save_strategy")) != "steps" or not (isinstance(save, int) and isinstance(ev, int)):
+        return
+    if ev > 0 and save % ev and "save_steps" not in explicit:
+        t["save_steps"] = -(-save // ev) * ev
+        cfg.notices.append(
+            f"training.save_steps={t['save_steps']} (not {save}): a multiple of eval_steps "
+            f"({ev}), which load_best_model_at_end needs"
+        )
+    elif ev > 0 and save % ev and "eval_steps" not in explicit:
+        t["eval_steps"] = max(d for d in range(1, min(ev, save) + 1) if save % d == 0)
+        cfg.notices.append(
+            f"training.eval_steps={t['eval_steps']} (not {ev}): it must divide save_steps "
+            f"({save}) for load_best_model_at_end"
+        )
+
+
         and "load_best_model_at_end" not in explicit
     ):
         cfg.training["load_best_model_at_end"] = False
