@@ -36,6 +36,10 @@ class ConfigError(Exception):
         super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
 
 
+# Lone UTF-16 halves (JSON or YAML "\\ud800"): Python strings hold them, tokenizers and file systems do not.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def setting(default: Any, help: str) -> Any:
     """A config field with its one-line help (what `tunewise init` writes as its comment)."""
     if isinstance(default, dict | list):
@@ -191,13 +195,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    key_lines: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)  # key path -> line
-    override_texts: dict[tuple[str, ...], str] = field(default_factory=dict, repr=False)  # as written
     training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field by its own name
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = "<defaults>"  # where the config came from, for messages
     notices: list[str] = field(default_factory=list)  # one-line notices (legacy names mapped, ...)
+    key_lines: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)  # key path -> line
+    override_texts: dict[tuple[str, ...], str] = field(default_factory=dict, repr=False)  # as written
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, every default filled in (what config.yaml records)."""
@@ -216,6 +220,11 @@ class Config:
 
 
 def _yaml_lines(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each key path of a composed YAML document to its 1-based line, for error messages.
+
+    An aliased mapping is walked once: `*anchor` chains would otherwise make the walk exponential.
+    """
+    lines: dict[tuple[str, ...], int] = {}
     stack, seen = [(root, ())], set()
     while stack:
         node, path = stack.pop()
@@ -227,11 +236,6 @@ def _yaml_lines(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
             lines.setdefault(key_path, key_node.start_mark.line + 1)
             stack.append((value_node, key_path))
     return lines
-    """Map each key path of a composed YAML document to its 1-based line, for error messages.
-
-    An aliased mapping is walked once: `*anchor` chains would otherwise make the walk exponential.
-    """
-    lines: dict[tuple[str, ...], int] = {}
 
 
 def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
@@ -269,14 +273,14 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         data, lines = _parse_yaml(text)
         data = {} if data is None else data
     except yaml.YAMLError as exc:
-    except ValueError as exc:
-        line, _, what = str(exc).partition(":")
-        raise ConfigError([f"{path}:{line}: cannot read the YAML ({what})"]) from None
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(
             [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax"]
         ) from None
+    except ValueError as exc:
+        line, _, what = str(exc).partition(":")
+        raise ConfigError([f"{path}:{line}: cannot read the YAML ({what})"]) from None
     if not isinstance(data, dict):
         raise ConfigError(
             [f"{path}:1: the config must be a mapping of sections (model:, data:, training:, ...)"]
@@ -584,19 +588,24 @@ def build_config(
         **sections,
         training=training,
         source=source,
-    _check_run_name(cfg, problems)
-    _check_text(data, problems)
         notices=notices,
         key_lines=problems.lines,
-    explicit = set(cfg.training)
         override_texts=problems.overrides,
+    )
+    _check_ranges(cfg, problems)
+    _check_run_name(cfg, problems)
+    _check_text(data, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    explicit = set(cfg.training)
+    _fill_training_defaults(cfg)
     _align_checkpoint_defaults(cfg, explicit)
     _check_training_arguments(cfg, explicit, None, problems)
     if problems.items:
         raise ConfigError(problems.items)
-    )
-    _check_ranges(cfg, problems)
-    if problems.items:
+    return cfg
+
+
 def _check_text(data: dict[str, Any], problems: _Problems) -> None:
     """Every string in the config is text a tokenizer and a file system can take (no lone surrogates)."""
     stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
@@ -739,11 +748,6 @@ def _plain(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-        raise ConfigError(problems.items)
-    _fill_training_defaults(cfg)
-    return cfg
-
-
 def _fill_training_defaults(cfg: Config) -> None:
     """Fill the lesson's defaults for what the user left out; the method decides the learning rate."""
     explicit = set(cfg.training)
@@ -759,6 +763,11 @@ def _fill_training_defaults(cfg: Config) -> None:
         )
     if (
         str(cfg.training["eval_strategy"]) in ("no", "IntervalStrategy.NO")
+        and "load_best_model_at_end" not in explicit
+    ):
+        cfg.training["load_best_model_at_end"] = False
+
+
 def _align_checkpoint_defaults(cfg: Config, explicit: set[str]) -> None:
     """Move a default save cadence onto the user's eval cadence, which `load_best_model_at_end` needs.
 
@@ -794,11 +803,6 @@ def _align_checkpoint_defaults(cfg: Config, explicit: set[str]) -> None:
             f"training.eval_steps={t['eval_steps']} (not {ev}): it must divide save_steps "
             f"({save}) for load_best_model_at_end"
         )
-
-
-        and "load_best_model_at_end" not in explicit
-    ):
-        cfg.training["load_best_model_at_end"] = False
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
