@@ -35,9 +35,9 @@ BATCH = ["training.per_device_train_batch_size=8", "training.gradient_accumulati
 def main() -> int:
     from tunewise.config import load_config
     from tunewise.demo import DEMO_CONFIG
-    from tunewise.diagnose import diagnose_path
-    from tunewise.lrfind import find_learning_rate
-    from tunewise.train import train
+    from tunewise.doctor.diagnose import diagnose_path
+    from tunewise.training.lrfind import find_learning_rate
+    from tunewise.training.run import train
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*BATCH, f"output_dir={tmp}"]

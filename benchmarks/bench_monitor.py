@@ -109,8 +109,8 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
     from transformers import Trainer, TrainingArguments
 
     from tunewise.data import DataCollator
-    from tunewise.monitor import StepMonitor, WatchedTrainer
-    from tunewise.watcher import CurveWatcher
+    from tunewise.doctor.watcher import CurveWatcher
+    from tunewise.training.monitor import StepMonitor, WatchedTrainer
 
     model = load_benchmark_model(cfg, tokenizer, pad_added)
     lr = float(cfg.training["learning_rate"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tunewise.report import screenshot, write_report
+from chromium import screenshot
+
+from tunewise.report import write_report
 
 
 def main() -> None:

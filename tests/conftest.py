@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZERS = FIXTURES / "tokenizers"
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # scripts/chromium.py: a real browser
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TUNEWISE_CACHE", str(Path(__file__).parent.parent / ".cache" / "tunewise"))
@@ -19,7 +21,8 @@ def make_tiny_model(directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2
     """Save a 2-layer Llama (hidden 64) with the given tokenizer so `model.name=<directory>` loads it.
 
     Every linear layer is a multiple of 64 wide and 32 tall: the shapes every bitsandbytes 4-bit
-    backend takes (the AVX512-BF16 CPU layout needs both; test_quantization.py proves narrower ones are caught).
+    backend takes (the AVX512-BF16 CPU layout needs both; test_quantization.py proves narrower ones
+    are caught).
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

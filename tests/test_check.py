@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from tunewise import check
-from tunewise.check import CheckReport, inspect_examples, plan_config, precision_item, run_check
-from tunewise.config import ConfigError, load_config
-from tunewise.plan import plan_steps
+from tunewise.check import CheckReport, precision_item, run_check
+from tunewise.config import load_config
+from tunewise.data import inspect_examples
+from tunewise.errors import ConfigError
+from tunewise.model import load_tokenizer
+from tunewise.plan import plan_config, plan_steps
 
 REPO = Path(__file__).parent.parent
 BROKEN = REPO / "examples" / "broken.yaml"
@@ -177,18 +180,18 @@ def test_plan_config_counts_steps_and_memory(tiny_model_dir, small_data, tmp_pat
 
 def test_inspect_marks_trained_text(tiny_model_dir, small_data, tmp_path):
     cfg = load_config(None, _overrides(tiny_model_dir, tmp_path, small_data))
-    text = inspect_examples(cfg, n=2)
+    text = inspect_examples(cfg, load_tokenizer(cfg), n=2)
     answer = json.loads(small_data["train"].read_text().splitlines()[0])["messages"][2]["content"]
     assert f"[[{answer}<|im_end|>]]" in text
     assert f"{small_data['train']}:1:" in text and f"{small_data['train']}:2:" in text
-    assert "\x1b[32m" in inspect_examples(cfg, index=5, color=True)
+    assert "\x1b[32m" in inspect_examples(cfg, load_tokenizer(cfg), index=5, color=True)
     with pytest.raises(ConfigError, match="--index 64"):
-        inspect_examples(cfg, index=64)
+        inspect_examples(cfg, load_tokenizer(cfg), index=64)
 
 
 def test_inspect_shows_truncation_and_untrained_examples(tiny_model_dir, tmp_path):
     cfg = load_config(BROKEN, _broken(tiny_model_dir, tmp_path))
-    text = inspect_examples(cfg, n=200)
+    text = inspect_examples(cfg, load_tokenizer(cfg), n=200)
     assert "truncated from" in text and "(the response was cut)" in text
     assert "25 examples have no trained token" in text
 

@@ -12,7 +12,8 @@ import yaml
 from transformers import TrainingArguments
 
 from tunewise.cli import main
-from tunewise.config import ConfigError, load_config
+from tunewise.config import load_config
+from tunewise.errors import ConfigError
 
 REPO = Path(__file__).parent.parent
 

@@ -25,7 +25,8 @@ from tunewise.data import (
     render_example,
     split_validation,
 )
-from tunewise.formats import DataError, load_conversations
+from tunewise.errors import DataError
+from tunewise.formats import load_conversations
 
 TOKENIZERS = Path(__file__).parent / "fixtures" / "tokenizers"
 TEMPLATES = ["chatml", "llama3", "mistral"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tunewise.report import dump_dom, screenshot
+from chromium import dump_dom, screenshot
 
 DOCS = Path(__file__).parent.parent / "docs"
 

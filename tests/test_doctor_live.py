@@ -17,9 +17,9 @@ from conftest import read_jsonl, tiny_overrides, write_subset
 from safetensors.torch import load_file
 
 from tunewise.config import load_config
-from tunewise.diagnose import diagnose_path, render_diagnosis
-from tunewise.findings import read_findings
-from tunewise.train import train
+from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
+from tunewise.doctor.findings import read_findings
+from tunewise.training.run import train
 
 # Small, fast runs: batch 2, no checkpoint or eval unless a test asks for one.
 FAST = {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 1,

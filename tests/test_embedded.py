@@ -15,7 +15,7 @@ from conftest import read_jsonl, write_subset
 
 from tunewise.config import load_config
 from tunewise.model import count_parameters, load_model, load_tokenizer, resolve_hardware, resolve_model_path
-from tunewise.train import train
+from tunewise.training.run import train
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from conftest import tiny_overrides
 
 from tunewise.cli import main
 from tunewise.config import load_config
+from tunewise.errors import ModelError
 from tunewise.export import merge_adapter
-from tunewise.model import ModelError
-from tunewise.train import train
+from tunewise.training.run import train
 
 
 def _trained(tiny_model_dir: Path, data: dict, out: Path, method: str) -> Path:

@@ -9,8 +9,8 @@ import pytest
 from conftest import tiny_overrides
 
 from tunewise import cli
-from tunewise.lrfind import LR_FIND_NOTE, smooth, stop_reason, suggest_lr
 from tunewise.sweep import parse_grid
+from tunewise.training.lrfind import LR_FIND_NOTE, smooth, stop_reason, suggest_lr
 
 
 def _ramp(n: int = 100, start: float = 1e-6, end: float = 1.0) -> list[float]:

@@ -10,7 +10,7 @@ from conftest import tiny_overrides, write_subset
 from tunewise.cli import main
 from tunewise.config import load_config
 from tunewise.evaluate import check_memorization, edit_similarity, judge_memorization, rephrase
-from tunewise.train import train
+from tunewise.training.run import train
 
 
 def test_rephrase_is_light_deterministic_and_keeps_the_input():

@@ -17,10 +17,12 @@ import torch
 from conftest import make_tiny_model
 
 from tunewise import model as model_module
-from tunewise.check import plan_config, run_check
+from tunewise.check import run_check
 from tunewise.cli import main
 from tunewise.config import load_config
-from tunewise.model import BNB_BLOCKSIZE, CPU_PACK_ROWS, ModelError, load_base_model
+from tunewise.errors import ModelError
+from tunewise.model import BNB_BLOCKSIZE, CPU_PACK_ROWS, load_base_model
+from tunewise.plan import plan_config
 
 
 def _repacks(n_in: int, n_out: int) -> bool:

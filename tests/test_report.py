@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from chromium import dump_dom, screenshot
 from conftest import FIXTURES, tiny_overrides, write_subset
 
-from tunewise.report import dump_dom, screenshot, write_report
+from tunewise.report import write_report
 
 STATES = FIXTURES / "trainer_states"
 def needs_chromium(test):
@@ -32,7 +33,7 @@ def needs_chromium(test):
 def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 12-step LoRA run with evals, plus the eval.json and memorization.json `eval` would add."""
     from tunewise.config import load_config
-    from tunewise.train import train
+    from tunewise.training.run import train
 
     root = tmp_path_factory.mktemp("report-run")
     data = write_subset(root / "data")

@@ -12,7 +12,8 @@ import pytest
 from conftest import read_jsonl, tiny_overrides, write_subset
 
 from tunewise import cli
-from tunewise.config import ConfigError, load_config
+from tunewise.config import load_config
+from tunewise.errors import ConfigError
 from tunewise.sweep import (
     SweepSpec,
     Trial,

@@ -15,7 +15,7 @@ from conftest import read_jsonl, tiny_overrides
 from safetensors.torch import load_file
 
 from tunewise.config import load_config
-from tunewise.train import TrainHooks, train
+from tunewise.training.run import TrainHooks, train
 
 REPO = Path(__file__).parent.parent
 

@@ -1,8 +1,9 @@
-"""Charts of a run for the report: loss, learning rate, gradient norm, throughput, as PNG files.
+"""Charts as PNG files: a run's loss, learning rate, gradient norm and throughput (the report), and a
+sweep's heatmap and curves.
 
-Each function draws one chart with matplotlib's Agg canvas (no display, no pyplot state) from the
-doctor's `Curve` and writes it to `path`; it returns None, writing nothing, when there is no data
-to draw. NaN and inf values cannot be drawn as values: they are red crosses along the top edge.
+Each function draws one chart with matplotlib's Agg canvas (no display, no pyplot state) and writes
+it to `path`; a run chart returns None, writing nothing, when there is no data to draw. NaN and inf
+values cannot be drawn as values: they are red crosses along the top edge.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from tunewise.doctor.curve import Curve
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
+
+from tunewise.doctor.curve import Curve, hides_nan
 from tunewise.doctor.findings import Finding
 
 SEVERITY_COLORS = {"error": "#d93025", "warning": "#e37400", "info": "#5f6368"}
@@ -27,9 +32,6 @@ def _finite(x: Any) -> bool:
 
 def _figure(width: float, height: float, title: str) -> tuple[Any, Any]:
     """A clean Agg figure with one axes: light grid, no top/right frame."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -55,8 +57,6 @@ def _log_scale_if_wide(ax: Any, values: list[float]) -> None:
 
 def _top_edge(ax: Any) -> Any:
     """A transform with x in data units and y in axes fractions (0 bottom, 1 top)."""
-    from matplotlib.transforms import blended_transform_factory
-
     return blended_transform_factory(ax.transData, ax.transAxes)
 
 
@@ -118,8 +118,7 @@ def _draw_findings(ax: Any, findings: list[Finding]) -> None:
 
 
 def _hides_nan(point: Any) -> bool:
-    """Trainer's logging_nan_inf_filter logs a NaN loss as 0.0; the grad norm still shows it."""
-    return point.loss == 0.0 and point.grad_norm is not None and not _finite(point.grad_norm)
+    return hides_nan(point.loss, point.grad_norm)
 
 
 def plot_loss(curve: Curve, findings: list[Finding], best_checkpoint: str | None, path: Path) -> Path | None:
@@ -230,4 +229,62 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylim(bottom=0)
     ax.legend(frameon=False, fontsize=7, loc="best")
     fig.savefig(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+class Series(NamedTuple):
+    """One trial of a sweep: its label, finite (step, train loss) and (step, validation loss) points."""
+
+    label: str
+    train: list[tuple[int, float]]
+    evals: list[tuple[int, float]]
+
+
+def plot_heatmap(
+    cells: list[list[float]],
+    labels: list[list[str]],
+    rows: tuple[str, list[str]],
+    cols: tuple[str, list[str]],
+    path: Path,
+) -> Path:
+    """Validation loss per grid cell (NaN: none), each cell labelled; rows and cols are (name, values)."""
+    (rows_key, row_values), (cols_key, col_values) = rows, cols
+    fig = Figure(figsize=(1.6 + 1.3 * len(col_values), 1.2 + 0.9 * len(row_values)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
+    finite = [x for row in cells for x in row if not math.isnan(x)] or [0.0]
+    for r, row in enumerate(labels):
+        for c, text in enumerate(row):
+            dark = not math.isnan(cells[r][c]) and cells[r][c] > (min(finite) + max(finite)) / 2
+            color = "white" if dark else "black"  # viridis_r: high losses are dark
+            ax.text(c, r, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(col_values)), col_values)
+    ax.set_yticks(range(len(row_values)), row_values)
+    ax.set_xlabel(cols_key)
+    ax.set_ylabel(rows_key)
+    ax.set_title("validation loss (lower is better)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_runs(series: list[Series], path: Path) -> Path:
+    """Train loss (left) and validation loss (right) of every trial in one figure."""
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for s in series:
+        (line,) = left.plot([x for x, _ in s.train], [y for _, y in s.train], lw=1, alpha=0.8, label=s.label)
+        if s.evals:
+            right.plot(*zip(*s.evals, strict=True), marker="o", ms=3, color=line.get_color(), label=s.label)
+    left.set(title="train loss", xlabel="step", ylabel="loss")
+    right.set(title="validation loss", xlabel="step", ylabel="loss")
+    right.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path

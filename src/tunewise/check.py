@@ -2,8 +2,8 @@
 
 `run_check` builds the data exactly as training will (tokenizer, pad token, labels), plans the steps and
 the memory, and returns one PASS/WARN/FAIL item per question with the numbers in words and, when one
-exists, the `key=value` change that fixes it. `plan_config` is the plan alone; `inspect_examples` shows
-examples as the model sees them.
+exists, the `key=value` change that fixes it. The plan alone is `plan.plan_config`; examples as the
+model sees them are `data.inspect_examples`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunewise.config import Config, ConfigError
+import torch
+
+from tunewise.config import DEFAULT_LR, Config
+from tunewise.data import encode_conversation, listed
+from tunewise.doctor.advice import HIGH_LR, LOW_LR, TYPICAL_LR
+from tunewise.errors import DataError
+from tunewise.formats import load_conversations
+from tunewise.model import cpu_supports_bf16
+from tunewise.plan import Prepared, prepare
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["PASS", "WARN", "FAIL"]
 GIB = 1024**3
 MIN_TRAINABLE = 100  # fewer trainable examples than this rarely teach a model anything
-LISTED = 5  # sources named in one detail
 PROBE_ANSWER = "tunewise probe answer"
 NAMES = {  # item id -> what it asks, in the order of the checklist
     "trainable_examples": "examples with trained tokens",
@@ -105,49 +112,6 @@ def _item(
     return CheckItem(item_id, NAMES[item_id], status, detail, numbers or {}, fix)
 
 
-@dataclass
-class _Prepared:
-    """What training would build before loading weights."""
-
-    tokenizer: Any
-    bundle: Any
-    hw: Any
-    plan: dict[str, Any]
-    pad_before: int | None
-    pad_added: bool
-
-
-def _prepare(cfg: Config, processes: int) -> _Prepared:
-    """Tokenizer, pad token, data and plan, in the order `train` builds them."""
-    from tunewise.data import build_datasets, ensure_pad_token
-    from tunewise.model import load_tokenizer, quantized_layers, resolve_hardware
-    from tunewise.plan import plan_run
-
-    tokenizer = load_tokenizer(cfg)
-    pad_before = tokenizer.pad_token_id
-    pad_added = ensure_pad_token(tokenizer)
-    bundle = build_datasets(cfg.data, tokenizer)
-    hw = resolve_hardware(cfg)
-    longest = max((len(e.input_ids) for e in bundle.train), default=0)
-    plan = plan_run(cfg, len(bundle.train), len(bundle.validation or []), processes, hw=hw, longest=longest)
-    plan["data"] = bundle.stats.to_dict()
-    layers = quantized_layers(cfg, hw.device)
-    if layers is not None:
-        plan["quantization"] = dataclasses.asdict(layers) | {
-            "problem": layers.message() if layers.unsupported else None
-        }
-    return _Prepared(tokenizer, bundle, hw, plan, pad_before, pad_added)
-
-
-def plan_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
-    """Steps, warmup, cadence, memory and data counts of a run; no model weights are loaded.
-
-    Raises:
-        DataError: the data cannot be loaded or encoded.
-    """
-    return _prepare(cfg, processes).plan
-
-
 # ----------------------------------------------------------------------------- numbers from the data
 
 
@@ -166,11 +130,6 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-def _listed(sources: list[str]) -> str:
-    more = f" and {len(sources) - LISTED} more" if len(sources) > LISTED else ""
-    return ", ".join(sources[:LISTED]) + more
-
-
 def _normalised(messages: list[dict]) -> str:
     """Conversation text compared for duplicates: roles kept, case and whitespace ignored."""
     return "\n".join(f"{m['role']}: {' '.join(m['content'].lower().split())}" for m in messages)
@@ -182,7 +141,6 @@ def _source_file(source: str) -> str:
 
 def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
     """source -> conversation for every row of the files the examples came from."""
-    from tunewise.formats import load_conversations
 
     sources = [e.source for e in bundle.train + (bundle.validation or [])] + bundle.stats.no_trained_sources
     out: dict[str, list[dict]] = {}
@@ -202,8 +160,6 @@ def _full_lengths(
     cfg: Config, bundle: Any, conversations: dict[str, list[dict]], tokenizer: Any
 ) -> list[int]:
     """Tokens of every example before truncation, the ones left out (no trained token, dropped) included."""
-    from tunewise.data import encode_conversation
-    from tunewise.formats import DataError
 
     examples = bundle.train + (bundle.validation or [])
     lengths = [e.full_length for e in examples]
@@ -257,7 +213,7 @@ def _trainable_item(bundle: Any, length_fix: str | None) -> CheckItem:
     if none:
         detail += (
             f"; {none} of {total} examples ({share:.1f}%) have none and are left out: "
-            f"{_listed(stats.no_trained_sources)}"
+            f"{listed(stats.no_trained_sources)}"
         )
     status: Status = "PASS"
     if trainable < MIN_TRAINABLE or share > 10:
@@ -319,7 +275,7 @@ def _duplicates_item(train_keys: list[str], sources: list[str]) -> CheckItem:
         f"(case and whitespace ignored)"
     )
     if repeats:
-        detail += f": {_listed(repeats)}; repeats are learned harder and skew the loss"
+        detail += f": {listed(repeats)}; repeats are learned harder and skew the loss"
     numbers = {"duplicates": len(repeats), "examples": len(train_keys), "percent": round(share, 2)}
     return _item("duplicates", "WARN" if repeats else "PASS", detail, numbers)
 
@@ -331,7 +287,7 @@ def _leakage_item(train_keys: set[str], validation: list[tuple[str, str]] | None
     share = _pct(len(shared), len(validation))
     detail = f"{len(shared)} of {len(validation)} validation examples ({share:.1f}%) also appear in training"
     if shared:
-        detail += f": {_listed(shared)}; eval loss on them measures memory, not generalisation — remove them"
+        detail += f": {listed(shared)}; eval loss on them measures memory, not generalisation — remove them"
     status: Status = "FAIL" if share > 1 else "WARN" if shared else "PASS"
     numbers = {"shared": len(shared), "validation_examples": len(validation), "percent": round(share, 2)}
     return _item("leakage", status, detail, numbers)
@@ -367,11 +323,11 @@ def _eos_item(bundle: Any, eot: int | None, tokenizer: Any) -> CheckItem:
         "whose response is whole"
     )
     if missing:
-        detail += f"; missing in {_listed(missing)}: the model will not learn to stop"
+        detail += f"; missing in {listed(missing)}: the model will not learn to stop"
     return _item("eos_trained", "FAIL" if missing else "PASS", detail, numbers)
 
 
-def _pad_item(prep: _Prepared, eot: int | None) -> CheckItem:
+def _pad_item(prep: Prepared, eot: int | None) -> CheckItem:
     tok = prep.tokenizer
     before, after = prep.pad_before, tok.pad_token_id
     numbers = {
@@ -450,10 +406,6 @@ def _quantization_item(cfg: Config, plan: dict) -> CheckItem:
 
 
 def _bf16_supported(device: str) -> bool:
-    import torch
-
-    from tunewise.model import cpu_supports_bf16
-
     return torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
 
 
@@ -631,46 +583,34 @@ def _memory_item(cfg: Config, mem: dict | None) -> CheckItem:
 
 
 def _learning_rate_item(cfg: Config) -> CheckItem:
+    """The rate against the doctor's bands for the method (tunewise.doctor.advice)."""
     lr, method = float(cfg.training["learning_rate"]), cfg.model.method
     numbers = {"learning_rate": lr, "method": method}
+    low, high = LOW_LR[method], HIGH_LR[method]
+    usual, fix = f"usual {TYPICAL_LR[method]}", f"training.learning_rate={_rate(DEFAULT_LR[method])}"
     if method == "full":
-        usual, fix = "usual 1e-5 to 5e-5", "training.learning_rate=2e-5"
-        if lr > 1e-4:
-            return _item(
-                "learning_rate",
-                "WARN",
-                f"full fine-tuning at {lr:g} ({usual}) tends to spike and wreck what the model knew",
-                numbers,
-                fix,
-            )
-        if lr < 1e-6:
-            return _item(
-                "learning_rate",
-                "WARN",
-                f"full fine-tuning at {lr:g} ({usual}) barely moves the weights",
-                numbers,
-                fix,
-            )
+        if lr > high:
+            detail = f"full fine-tuning at {lr:g} ({usual}) tends to spike and wreck what the model knew"
+            return _item("learning_rate", "WARN", detail, numbers, fix)
+        if lr < low:
+            detail = f"full fine-tuning at {lr:g} ({usual}) barely moves the weights"
+            return _item("learning_rate", "WARN", detail, numbers, fix)
         return _item("learning_rate", "PASS", f"{lr:g} for full fine-tuning ({usual})", numbers)
-    usual, fix = "usual 1e-4 to 3e-4", "training.learning_rate=2e-4"
-    if lr < 5e-5:
-        return _item(
-            "learning_rate",
-            "WARN",
-            f"{method} at {lr:g} is below 5e-5 ({usual}): a LoRA run "
-            "at 2e-5 is a classic flat-loss cause, the adapter starts at zero and barely moves",
-            numbers,
-            fix,
+    if lr < low:
+        detail = (
+            f"{method} at {lr:g} is below {_rate(low)} ({usual}): a LoRA run at 2e-5 is a classic "
+            "flat-loss cause, the adapter starts at zero and barely moves"
         )
-    if lr > 1e-3:
-        return _item(
-            "learning_rate",
-            "WARN",
-            f"{method} at {lr:g} is above 1e-3 ({usual}): expect spikes or divergence",
-            numbers,
-            fix,
-        )
+        return _item("learning_rate", "WARN", detail, numbers, fix)
+    if lr > high:
+        detail = f"{method} at {lr:g} is above {_rate(high)} ({usual}): expect spikes or divergence"
+        return _item("learning_rate", "WARN", detail, numbers, fix)
     return _item("learning_rate", "PASS", f"{lr:g} for {method} ({usual})", numbers)
+
+
+def _rate(x: float) -> str:
+    """A round learning rate as people write it: 5e-5, 1e-3."""
+    return f"{x:.0e}".replace("e-0", "e-")
 
 
 def _epochs_item(plan: dict) -> CheckItem:
@@ -693,7 +633,7 @@ def _epochs_item(plan: dict) -> CheckItem:
 # ----------------------------------------------------------------------------- the checklist
 
 
-def _data_items(cfg: Config, prep: _Prepared) -> tuple[list[CheckItem], dict[str, Any]]:
+def _data_items(cfg: Config, prep: Prepared) -> tuple[list[CheckItem], dict[str, Any]]:
     """Items that read the examples; also the length numbers for the data report."""
     bundle, tokenizer = prep.bundle, prep.tokenizer
     conversations = _conversations(cfg, bundle)
@@ -725,7 +665,7 @@ def run_check(cfg: Config, processes: int = 1) -> CheckReport:
     Raises:
         DataError: the data cannot be loaded or encoded (a user error: the CLI exits 2).
     """
-    prep = _prepare(cfg, processes)
+    prep = prepare(cfg, processes)
     plan, hw = prep.plan, prep.hw
     mem = plan.get("memory")
     data_items, lengths = _data_items(cfg, prep)
@@ -747,49 +687,3 @@ def run_check(cfg: Config, processes: int = 1) -> CheckReport:
     ]
     data = {"format": prep.bundle.format, **plan.get("data", {}), **lengths}
     return CheckReport(items, plan, data)
-
-
-# ----------------------------------------------------------------------------- tunewise inspect
-
-
-def inspect_examples(cfg: Config, n: int = 3, index: int | None = None, color: bool = False) -> str:
-    """Examples as the model sees them: trained text marked, each headed by its source and token counts.
-
-    Args:
-        cfg: The config; the training split is shown.
-        n: How many examples from the start, when `index` is None.
-        index: Show only the training example at this position.
-        color: Trained text green and masked text dim (a terminal), instead of `[[trained]]` brackets.
-
-    Raises:
-        ConfigError: `index` is outside the training set.
-        DataError: the data cannot be loaded or encoded.
-    """
-    from tunewise.data import build_datasets, ensure_pad_token, render_example
-    from tunewise.model import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg)
-    ensure_pad_token(tokenizer)
-    bundle = build_datasets(cfg.data, tokenizer)
-    train = bundle.train
-    if index is not None and not 0 <= index < len(train):
-        raise ConfigError([f"--index {index} is outside the training set; use 0 to {len(train) - 1}"])
-    chosen = [index] if index is not None else list(range(min(n, len(train))))
-    legend = "trained text green, masked dim" if color else "trained text inside [[ ]], masked text plain"
-    blocks = [f"{len(train)} training examples ({bundle.format} format); {legend}"]
-    for i in chosen:
-        example = train[i]
-        head = f"--- example {i} of {len(train)}"
-        if example.truncated:
-            cut = "the response was cut" if example.response_cut else "only masked tokens were cut"
-            head += (
-                f"; truncated from {example.full_length} to max_seq_length {cfg.data.max_seq_length} ({cut})"
-            )
-        blocks.append(f"{head}\n{render_example(example, tokenizer, color)}")
-    stats = bundle.stats
-    if stats.no_trained_tokens:
-        blocks.append(
-            f"{stats.no_trained_tokens} examples have no trained token and are left out: "
-            f"{_listed(stats.no_trained_sources)}"
-        )
-    return "\n\n".join(blocks)

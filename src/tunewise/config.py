@@ -21,21 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
+from tunewise.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("qlora", "lora", "full")
-
-
-class ConfigError(Exception):
-    """A config that cannot run; the message lists every problem with its location and fix."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
-
-
 # Lone UTF-16 halves (JSON or YAML "\\ud800"): Python strings hold them, tokenizers and file systems do not.
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -90,6 +81,11 @@ class DataConfig:
     )
     columns: dict[str, str] = setting({}, "map our field names to yours, e.g. {messages: conversation}")
     max_seq_length: int = setting(512, "tokens per example after the chat template")
+    batching: Literal["padding_free", "padded", "grouped"] = setting(
+        "padding_free",
+        "padding_free: a micro-batch is one row, no padding (padded where the attention would mix examples)"
+        " | padded | grouped: padded, similar lengths batched together",
+    )
     train_on: Literal["assistant", "last", "all"] = setting("assistant", "which tokens carry loss")
     too_long: Literal["truncate", "drop", "error"] = setting(
         "truncate", "policy for examples over max_seq_length"

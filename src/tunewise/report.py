@@ -13,9 +13,6 @@ import html
 import json
 import logging
 import math
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +20,12 @@ from typing import Any
 
 import yaml
 
-from tunewise import charts
+from tunewise import charts, rundir
+from tunewise.config import load_config
 from tunewise.doctor.curve import Curve, load_curve
 from tunewise.doctor.diagnose import Diagnosis, diagnose_path
 from tunewise.doctor.findings import Finding
-from tunewise.errors import DoctorError
+from tunewise.errors import ConfigError, DoctorError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +36,7 @@ CHART_FILES = {
     "grad_norm": "grad_norm.png",
     "throughput": "throughput.png",
 }
+CSS_FILE = Path(__file__).with_name("report.css")  # the page's style, a package file
 EVAL_METRICS = {"exact_match": "exact match", "valid_json": "valid JSON", "field_accuracy": "field accuracy"}
 
 
@@ -71,30 +70,6 @@ class RunFiles:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path, missing: list[str]) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        missing.append(f"{path.name} is not valid JSON ({exc})")
-        return None
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Train records of metrics.jsonl; unreadable lines (a run killed mid-write) are skipped."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("type", "train") == "train" and "step" in record:
-                records.append(record)
-    return records
-
-
 def read_run(path: Path) -> RunFiles:
     """Read everything the report shows from a run directory (or next to a trainer_state.json file)."""
     path = Path(path)
@@ -105,22 +80,22 @@ def read_run(path: Path) -> RunFiles:
         run.diagnosis = diagnose_path(path)
     except DoctorError as exc:
         missing.append(f"no diagnosis: {exc}")
-    if (d / "config.yaml").is_file():
+    if (d / rundir.CONFIG).is_file():
         try:
-            run.config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+            run.config = yaml.safe_load((d / rundir.CONFIG).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             missing.append("config.yaml is not valid YAML")
-    run.records = _read_records(d / "metrics.jsonl")
+    run.records = rundir.train_records(rundir.read_metrics(d))
     for attr, name in [
-        ("plan", "plan.json"),
-        ("check", "check.json"),
-        ("result", "result.json"),
-        ("evaluation", "eval.json"),
-        ("memorization", "memorization.json"),
+        ("plan", rundir.PLAN),
+        ("check", rundir.CHECK),
+        ("result", rundir.RESULT),
+        ("evaluation", rundir.EVAL),
+        ("memorization", rundir.MEMORIZATION),
     ]:
-        value = _read_json(d / name, missing)
+        value = rundir.read_json(d / name, missing)
         setattr(run, attr, value if isinstance(value, dict) else {})
-    samples = _read_json(d / "samples.json", missing)
+    samples = rundir.read_json(d / rundir.SAMPLES, missing)
     run.samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
     return run
 
@@ -167,7 +142,7 @@ def write_report(run_dir: Path) -> Path:
     images = {
         key: base64.b64encode(path.read_bytes()).decode("ascii") for key, path in write_charts(run).items()
     }
-    out = run.out_dir / "report.html"
+    out = run.out_dir / rundir.REPORT
     out.write_text(render_html(run, images, datetime.now()), encoding="utf-8")
     return out
 
@@ -503,8 +478,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def _default_config(method: Any) -> dict[str, Any]:
     """Every default, with the method's own default learning rate; {} if the defaults cannot load."""
-    from tunewise.config import ConfigError, load_config
-
     try:
         defaults = load_config(None).to_dict()
         if method:
@@ -541,77 +514,10 @@ def _config(run: RunFiles) -> str:
 
 # ----------------------------------------------------------------------------- the page
 
-CSS = """
-:root { --ink: #202124; --muted: #5f6368; --line: #e3e5e8; --bg: #f5f6f8; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.5 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 48px; }
-header { display: flex; justify-content: space-between; align-items: center; gap: 16px; }
-h1 { margin: 2px 0; font-size: 26px; }
-h2 { font-size: 17px; margin: 0 0 12px; }
-h3 { font-size: 14px; margin: 18px 0 8px; }
-h4 { margin: 0 0 4px; font-size: 11px; text-transform: uppercase; letter-spacing: .05em;
-  color: var(--muted); }
-.eyebrow { font-size: 11px; text-transform: uppercase; letter-spacing: .08em; color: var(--muted); }
-.muted { color: var(--muted); }
-.small { font-size: 12px; }
-.badge { color: #fff; font-weight: 700; letter-spacing: .06em; padding: 10px 18px; border-radius: 999px;
-  font-size: 15px; white-space: nowrap; box-shadow: 0 1px 3px rgba(0, 0, 0, .15); }
-.summary { font-size: 15px; background: #fff; border-left: 4px solid #3367d6; padding: 10px 14px;
-  border-radius: 6px; }
-.failure { background: #fce8e6; border: 1px solid #f5c2bd; color: #a50e0e; padding: 10px 14px;
-  border-radius: 6px; margin: 10px 0; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px;
-  margin: 16px 0; }
-.card, section { background: #fff; border: 1px solid var(--line); border-radius: 10px; }
-.card { padding: 10px 14px; }
-.card .label { font-size: 11px; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
-.card .value { font-size: 18px; font-weight: 600; margin-top: 2px; word-break: break-word; }
-section { padding: 18px 20px; margin: 16px 0; }
-.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 0 16px; }
-figure { margin: 0; }
-figure img { width: 100%; height: auto; display: block; }
-figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
-.grid3 { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 14px; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; }
-td, th { padding: 6px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-th { font-size: 11px; color: var(--muted); text-transform: uppercase; font-weight: 600; }
-table.kv td:first-child { color: var(--muted); width: 40%; }
-table.changed td { background: #fef7e0; }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #f1f3f4;
-  padding: 1px 4px; border-radius: 4px; }
-pre { margin: 0; white-space: pre-wrap; word-break: break-word; background: #f8f9fa;
-  font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  border: 1px solid var(--line); border-radius: 6px; padding: 8px; max-height: 180px; overflow: auto; }
-.pill { display: inline-block; font-size: 11px; font-weight: 600; padding: 1px 8px; border-radius: 999px;
-  background: #e8eaed; }
-.sev-error { background: #d93025; color: #fff; }
-.sev-warning { background: #e37400; color: #fff; }
-.sev-info { background: #5f6368; color: #fff; }
-.st-PASS, .ok { background: #e6f4ea; color: #137333; }
-.st-WARN { background: #fef7e0; color: #b06000; }
-.st-FAIL { background: #fce8e6; color: #a50e0e; }
-ol.findings { list-style: none; padding: 0; margin: 0; }
-.finding { padding: 10px 0; border-top: 1px solid var(--line); }
-.finding .num { display: inline-flex; width: 20px; height: 20px; border-radius: 50%; align-items: center;
-  justify-content: center; font-size: 11px; font-weight: 700; margin-right: 6px; }
-.ftitle { margin: 4px 0 2px 26px; }
-.finding details { margin-left: 26px; }
-summary { cursor: pointer; color: #1a73e8; font-size: 12px; }
-.cols { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; margin-top: 6px; }
-.bar { display: inline-block; width: 140px; height: 8px; background: #f1f3f4; border-radius: 4px;
-  margin-right: 8px; vertical-align: middle; }
-.bar .fill { height: 8px; border-radius: 4px; }
-.barnum { font-variant-numeric: tabular-nums; }
-.sample { display: grid; grid-template-columns: 1.3fr 1fr 1fr 1fr; gap: 10px; padding: 12px 0;
-  border-top: 1px solid var(--line); }
-footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
-"""
-
 
 def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> str:
     """The whole report page: every section the run has data for, images as base64 data URIs."""
+    css = CSS_FILE.read_text(encoding="utf-8")
     loss_caption = (
         "train loss at every optimizer step, validation loss at each evaluation; dotted lines end "
         "each epoch, numbered dashed lines are the doctor's findings (listed below), the star is "
@@ -658,54 +564,8 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>tunewise report: {_e(run.name)}</title><style>{CSS}</style></head><body><main>"
+        f"<title>tunewise report: {_e(run.name)}</title><style>{css}</style></head><body><main>"
         + "".join(parts)
         + f"<footer>written by tunewise report · {generated:%Y-%m-%d %H:%M}</footer>"
         "</main></body></html>\n"
     )
-
-
-# ----------------------------------------------------------------------------- headless browser
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-
-
-def _chromium(args: list[str], profile: Path, chromium: str | None) -> subprocess.CompletedProcess:
-    """Run headless Chromium with a throwaway profile and no network features."""
-    binary = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        raise FileNotFoundError("chromium is not installed; install it with `apt-get install -y chromium`")
-    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-
-
-def screenshot(
-    html_file: Path, png: Path, width: int = 1280, height: int = 2400, chromium: str | None = None
-) -> Path:
-    """Render an HTML file in headless Chromium and save a width x height PNG screenshot of it."""
-    with tempfile.TemporaryDirectory() as profile:
-        _chromium(
-            [
-                f"--screenshot={Path(png).resolve()}",
-                f"--window-size={width},{height}",
-                Path(html_file).resolve().as_uri(),
-            ],
-            Path(profile),
-            chromium,
-        )
-    return Path(png)
-
-
-def dump_dom(html_file: Path, chromium: str | None = None) -> str:
-    """The DOM of an HTML file after headless Chromium loaded it (what a browser really shows)."""
-    with tempfile.TemporaryDirectory() as profile:
-        return _chromium(["--dump-dom", Path(html_file).resolve().as_uri()], Path(profile), chromium).stdout

@@ -33,16 +33,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunewise.config import Config, ConfigError, load_config
+from tunewise import charts, rundir
+from tunewise.config import Config, load_config
+from tunewise.doctor.diagnose import diagnose_path
+from tunewise.errors import ConfigError, DoctorError
+from tunewise.plan import warmup_steps
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = {"training.learning_rate": ["1e-4", "2e-4", "5e-4"], "adapter.r": ["4", "8", "16"]}
+TRIAL_BOOK = "sweep_trial.json"  # in each trial's run directory: its status and time over every invocation
 FINAL_STATUSES = frozenset({"completed", "diverged", "failed"})
 BAD_STATUSES = frozenset({"diverged", "failed"})
-SHORT_KEYS = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga",
-              "weight_decay": "wd", "lr_scheduler_type": "sched", "warmup_steps": "warm",
-              "max_grad_norm": "clip", "num_train_epochs": "ep", "max_seq_length": "len"}
+SHORT_KEYS = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "bs",
+    "gradient_accumulation_steps": "ga",
+    "weight_decay": "wd",
+    "lr_scheduler_type": "sched",
+    "warmup_steps": "warm",
+    "max_grad_norm": "clip",
+    "num_train_epochs": "ep",
+    "max_seq_length": "len",
+}
 
 
 @dataclass
@@ -92,8 +105,9 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("train_losses")
-        data.update(name=self.name, run_dir=str(self.run_dir),
-                    evals={str(k): v for k, v in self.evals.items()})
+        data.update(
+            name=self.name, run_dir=str(self.run_dir), evals={str(k): v for k, v in self.evals.items()}
+        )
         return data
 
 
@@ -147,8 +161,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         key, sep, raw = item.partition("=")
         values = split_values(raw)
         if not sep or not key.strip() or not values:
-            problems.append(f"--grid `{item}` is not KEY=V1,V2,...; "
-                            "write e.g. `training.learning_rate=1e-4,2e-4`")
+            problems.append(
+                f"--grid `{item}` is not KEY=V1,V2,...; write e.g. `training.learning_rate=1e-4,2e-4`"
+            )
         elif key.strip() in grid:
             problems.append(f"--grid `{key.strip()}` is given twice; put all its values in one item")
         else:
@@ -172,8 +187,9 @@ def parse_resources(text: str) -> dict[str, float]:
         except ValueError:
             amount = -1.0
         if not name.strip() or amount < 0:
-            raise ConfigError([f"--ray-resources: `{item}` is not NAME=NUMBER; write e.g. "
-                               "--ray-resources cpu=2,gpu=1"])
+            raise ConfigError(
+                [f"--ray-resources: `{item}` is not NAME=NUMBER; write e.g. --ray-resources cpu=2,gpu=1"]
+            )
         resources[name.strip().lower()] = amount
     return resources or {"cpu": 1.0}
 
@@ -210,7 +226,7 @@ def halving_rungs(max_steps: int, n_trials: int, eta: int, first: int = 1) -> li
     No rung comes before step `first`: an evaluation during warmup tells the trials apart by noise only.
     """
     levels = 1
-    while eta ** levels <= n_trials:
+    while eta**levels <= n_trials:
         levels += 1
     rungs = {min(max_steps, max(first, round(max_steps / eta**k))) for k in range(levels)}
     return sorted(rungs)
@@ -222,8 +238,6 @@ def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> tuple[Config, int]:
     Raises:
         ConfigError: naming the trial of every problem.
     """
-    from tunewise.plan import warmup_steps
-
     problems: list[str] = []
     if spec.max_steps < 1:
         problems.append(f"--max-steps is {spec.max_steps}; must be >= 1")
@@ -231,8 +245,10 @@ def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> tuple[Config, int]:
         problems.append(f"--eta is {spec.eta}; must be >= 2 (3 keeps the best third)")
     base = load_config(spec.config, spec.overrides)
     if base.data.train and not (base.data.validation or base.data.validation_split):
-        problems.append("a sweep ranks trials by validation loss: set `data.validation` or "
-                        "`data.validation_split` (e.g. data.validation_split=0.1)")
+        problems.append(
+            "a sweep ranks trials by validation loss: set `data.validation` or "
+            "`data.validation_split` (e.g. data.validation_split=0.1)"
+        )
     warmup = 0
     for trial in trials:
         try:
@@ -248,16 +264,27 @@ def validate_sweep(spec: SweepSpec, trials: list[Trial]) -> tuple[Config, int]:
 # ----------------------------------------------------------------------------- running trials
 
 
-def trial_command(spec: SweepSpec, trial: Trial, eval_every: int, stop_at: int | None,
-                  resume: bool) -> list[str]:
+def trial_command(
+    spec: SweepSpec, trial: Trial, eval_every: int, stop_at: int | None, resume: bool
+) -> list[str]:
     """`python -m tunewise.cli train ...` for one trial: its overrides, the step budget and its run dir."""
     cmd = [sys.executable, "-m", "tunewise.cli", "train"]
     if spec.config:
         cmd.append(spec.config)
-    cmd += [*spec.overrides, *trial.overrides(), f"training.max_steps={spec.max_steps}",
-            "training.eval_strategy=steps", "training.save_strategy=steps",
-            f"training.eval_steps={eval_every}", f"training.save_steps={eval_every}",
-            f"name={trial.name}", f"output_dir={trial.run_dir.parent}", "--force", "--quiet", "--no-samples"]
+    cmd += [
+        *spec.overrides,
+        *trial.overrides(),
+        f"training.max_steps={spec.max_steps}",
+        "training.eval_strategy=steps",
+        "training.save_strategy=steps",
+        f"training.eval_steps={eval_every}",
+        f"training.save_steps={eval_every}",
+        f"name={trial.name}",
+        f"output_dir={trial.run_dir.parent}",
+        "--force",
+        "--quiet",
+        "--no-samples",
+    ]
     if stop_at is not None and stop_at < spec.max_steps:
         cmd.append(f"--stop-at-step={stop_at}")
     if resume:
@@ -274,10 +301,14 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         log.write(f"$ {' '.join(job.command)}\n")
         log.flush()
         proc = subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=job.env, check=False)
-    result = run_dir / "result.json"
+    result = run_dir / rundir.RESULT
     wrote = result.is_file() and result.stat().st_mtime >= started
-    return {"run_dir": job.run_dir, "returncode": proc.returncode, "wrote_result": wrote,
-            "seconds": round(time.time() - started, 2)}
+    return {
+        "run_dir": job.run_dir,
+        "returncode": proc.returncode,
+        "wrote_result": wrote,
+        "seconds": round(time.time() - started, 2),
+    }
 
 
 def _trial_env(spec: SweepSpec) -> dict[str, str]:
@@ -291,8 +322,12 @@ def _trial_env(spec: SweepSpec) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
 
 
-def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], None],
-             on_done: Callable[[int, dict[str, Any]], None]) -> None:
+def run_jobs(
+    jobs: list[TrialJob],
+    spec: SweepSpec,
+    on_start: Callable[[int], None],
+    on_done: Callable[[int, dict[str, Any]], None],
+) -> None:
     """Run the jobs `workers` at a time as local processes, or as Ray Tune trials; report each as it ends."""
     if not jobs:
         return
@@ -310,8 +345,12 @@ def run_jobs(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
             on_done(futures[future], future.result())
 
 
-def _run_ray(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], None],
-             on_done: Callable[[int, dict[str, Any]], None]) -> None:
+def _run_ray(
+    jobs: list[TrialJob],
+    spec: SweepSpec,
+    on_start: Callable[[int], None],
+    on_done: Callable[[int, dict[str, Any]], None],
+) -> None:
     """The same trial function as Ray Tune trials, on the cluster at `spec.ray_address` or a local Ray.
 
     One Tune trial per job (a grid over the job index), each holding `spec.ray_resources`; Tune's own
@@ -324,16 +363,20 @@ def _run_ray(jobs: list[TrialJob], spec: SweepSpec, on_start: Callable[[int], No
     except ImportError:
         raise ConfigError(["--backend ray needs Ray Tune: pip install 'tunewise[ray]'"]) from None
     if not ray.is_initialized():
-        ray.init(address=spec.ray_address, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
+        ray.init(
+            address=spec.ray_address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False
+        )
     sweep_dir = Path(jobs[0].run_dir).resolve().parent
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_tune_trial, jobs=jobs), dict(spec.ray_resources)),
         param_space={"job": tune.grid_search(list(range(len(jobs))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.workers if spec.workers > 1 else None),
-        run_config=tune.RunConfig(name=f"advance-{int(time.time() * 1000)}",
-                                  storage_path=str(sweep_dir / "ray"),
-                                  callbacks=[_tune_reporter(on_start, on_done)], verbose=0),
+        run_config=tune.RunConfig(
+            name=f"advance-{int(time.time() * 1000)}",
+            storage_path=str(sweep_dir / "ray"),
+            callbacks=[_tune_reporter(on_start, on_done)],
+            verbose=0,
+        ),
     )
     with contextlib.redirect_stdout(sys.stderr):  # Tune prints its tables; stdout is for `sweep --json`
         tuner.fit()
@@ -354,38 +397,27 @@ def _tune_reporter(on_start: Callable[[int], None], on_done: Callable[[int, dict
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
-            on_done(trial.config["job"], {k: result.get(k) for k in ("run_dir", "returncode", "wrote_result",
-                                                                     "seconds")})
+            on_done(
+                trial.config["job"],
+                {k: result.get(k) for k in ("run_dir", "returncode", "wrote_result", "seconds")},
+            )
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             # the Ray worker itself died (node lost, killed): the trial's own files say what they can
-            on_done(trial.config["job"], {"returncode": -1, "wrote_result": False, "seconds": None,
-                                          "error": "the Ray worker running this trial failed"})
+            on_done(
+                trial.config["job"],
+                {
+                    "returncode": -1,
+                    "wrote_result": False,
+                    "seconds": None,
+                    "error": "the Ray worker running this trial failed",
+                },
+            )
 
     return Reporter()
 
 
 # ----------------------------------------------------------------------------- reading a trial back
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a killed process
-    return records
 
 
 def _finite(x: Any) -> bool:
@@ -394,9 +426,9 @@ def _finite(x: Any) -> bool:
 
 def refresh_trial(trial: Trial) -> None:
     """Read status, steps, losses and the doctor's verdict back from the trial's run directory."""
-    result = _read_json(trial.run_dir / "result.json")
-    book = _read_json(trial.run_dir / "sweep_trial.json")
-    records = _metrics(trial.run_dir)
+    result = rundir.read_json_object(trial.run_dir / rundir.RESULT)
+    book = rundir.read_json_object(trial.run_dir / TRIAL_BOOK)
+    records = rundir.read_metrics(trial.run_dir)
     train = [r for r in records if r.get("type") == "train"]
     trial.status = book.get("status") or result.get("status") or "pending"
     trial.error = book.get("error") or result.get("error")
@@ -410,9 +442,6 @@ def refresh_trial(trial: Trial) -> None:
 
 
 def _diagnose(trial: Trial) -> None:
-    from tunewise.diagnose import diagnose_path
-    from tunewise.logs import DoctorError
-
     try:
         diagnosis = diagnose_path(trial.run_dir)
     except (DoctorError, OSError, ValueError) as exc:
@@ -430,46 +459,53 @@ def _diagnose(trial: Trial) -> None:
 def _record_invocation(trial: Trial, outcome: dict[str, Any]) -> None:
     """Keep the trial's total time; a process that died without its result, or that the doctor stopped
     (nothing to learn), is recorded as failed so that re-running the sweep does not run it again."""
-    path = trial.run_dir / "sweep_trial.json"
-    book = _read_json(path)
+    path = trial.run_dir / TRIAL_BOOK
+    book = rundir.read_json_object(path)
     book["seconds"] = round(book.get("seconds", 0.0) + (outcome.get("seconds") or 0.0), 2)
     book["invocations"] = book.get("invocations", 0) + 1
     book["params"] = trial.params
-    result = _read_json(trial.run_dir / "result.json")
+    result = rundir.read_json_object(trial.run_dir / rundir.RESULT)
     if not outcome["wrote_result"]:
         book["status"] = "failed"
         book["error"] = outcome.get("error") or (
             f"the trial process ended with code {outcome['returncode']} before writing its result "
-            "(killed: out of memory?); see trial.log")
+            "(killed: out of memory?); see trial.log"
+        )
     elif result.get("status") == "stopped" and "paused_at" not in result:  # not a pause at a rung
         book["status"] = "failed"
         book["error"] = f"the doctor stopped it: {result.get('error')}"
-    path.write_text(json.dumps(book, indent=2) + "\n", encoding="utf-8")
+    rundir.write_json(path, book)
 
 
 def _prepare_rerun(trial: Trial) -> bool:
     """Before running a trial again: resume from its checkpoint (True), or start clean (False)."""
-    from tunewise.train import latest_checkpoint
-
-    checkpoint = latest_checkpoint(trial.run_dir)
-    step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    path = trial.run_dir / "metrics.jsonl"
+    checkpoint = rundir.latest_checkpoint(trial.run_dir)
+    step = rundir.checkpoint_step(checkpoint) if checkpoint else 0
+    path = trial.run_dir / rundir.METRICS
     if path.is_file():  # drop records past the checkpoint: those steps run again
-        kept = [r for r in _metrics(trial.run_dir) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        kept = [r for r in rundir.read_metrics(trial.run_dir) if r.get("step", 0) <= step]
+        rundir.write_jsonl(path, kept)
     if not checkpoint:
-        (trial.run_dir / "findings.jsonl").unlink(missing_ok=True)
+        (trial.run_dir / rundir.FINDINGS).unlink(missing_ok=True)
     return checkpoint is not None
 
 
-def advance(spec: SweepSpec, trials: list[Trial], target: int, eval_every: int,
-            on_trial: Callable[[str, Trial], None] | None = None) -> int:
+def advance(
+    spec: SweepSpec,
+    trials: list[Trial],
+    target: int,
+    eval_every: int,
+    on_trial: Callable[[str, Trial], None] | None = None,
+) -> int:
     """Bring every trial that is not final to step `target` (pausing there when below max_steps).
 
     Returns the number of trial processes launched.
     """
-    todo = [t for t in trials
-            if t.status not in FINAL_STATUSES and not (t.status == "stopped" and t.global_step >= target)]
+    todo = [
+        t
+        for t in trials
+        if t.status not in FINAL_STATUSES and not (t.status == "stopped" and t.global_step >= target)
+    ]
     env, jobs = _trial_env(spec), []
     for trial in todo:
         resume = _prepare_rerun(trial) if trial.run_dir.exists() else False
@@ -523,8 +559,9 @@ def run_sweep(spec: SweepSpec, on_trial: Callable[[str, Trial], None] | None = N
                 alive = promote(alive, rung, spec.eta)
     ranked, compare_step = rank_trials(trials, spec.strategy, rungs)
     winner = ranked[0] if ranked and ranked[0].val_loss is not None else None
-    result = SweepResult(sweep_dir, spec, ranked, compare_step, rungs, winner,
-                         sum(t.steps_spent for t in trials), launched, {})
+    result = SweepResult(
+        sweep_dir, spec, ranked, compare_step, rungs, winner, sum(t.steps_spent for t in trials), launched, {}
+    )
     write_outputs(result, base)
     return result
 
@@ -557,8 +594,9 @@ def rank_trials(trials: list[Trial], strategy: str, rungs: list[int]) -> tuple[l
         ok = trial.status not in BAD_STATUSES and reached
         trial.rank_step = max(reached) if ok else None
         trial.val_loss = trial.evals[trial.rank_step] if ok else None
-    ranked = sorted(trials, key=lambda t: (t.val_loss is None, -(t.rank_step or 0), t.val_loss or 0.0,
-                                           t.index))
+    ranked = sorted(
+        trials, key=lambda t: (t.val_loss is None, -(t.rank_step or 0), t.val_loss or 0.0, t.index)
+    )
     compare = ladder[-1] if ladder else None
     return ranked, compare
 
@@ -589,7 +627,7 @@ def write_outputs(result: SweepResult, base: Config) -> None:
         "trials": [t.to_dict() for t in result.trials],
         "files": files,
     }
-    (out / "sweep.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    rundir.write_json(out / "sweep.json", data)
 
 
 def write_best_config(result: SweepResult, base: Config) -> Path:
@@ -602,15 +640,6 @@ def write_best_config(result: SweepResult, base: Config) -> Path:
     path = result.sweep_dir / "best.yaml"
     path.write_text(cfg.to_yaml(), encoding="utf-8")
     return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_heatmap(trials: list[Trial], grid: dict[str, list[str]], path: Path) -> bool:
@@ -631,42 +660,18 @@ def plot_heatmap(trials: list[Trial], grid: dict[str, list[str]], path: Path) ->
             labels[r][c] = f"{t.val_loss:.4g}\n@{t.rank_step}"
         elif t.val_loss is None and not labels[r][c]:
             labels[r][c] = t.status if t.status in BAD_STATUSES else "-"
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_values), 1.2 + 0.9 * len(row_values)))
-    image = ax.imshow(cells, cmap="viridis_r", aspect="auto")
-    finite = [x for row in cells for x in row if not math.isnan(x)] or [0.0]
-    for r, row in enumerate(labels):
-        for c, text in enumerate(row):
-            dark = not math.isnan(cells[r][c]) and cells[r][c] > (min(finite) + max(finite)) / 2
-            color = "white" if dark else "black"  # viridis_r: high losses are dark
-            ax.text(c, r, text, ha="center", va="center", fontsize=8, color=color)
-    ax.set_xticks(range(len(col_values)), col_values)
-    ax.set_yticks(range(len(row_values)), row_values)
-    ax.set_xlabel(cols_key)
-    ax.set_ylabel(rows_key or "")
-    ax.set_title("validation loss (lower is better)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    charts.plot_heatmap(cells, labels, (rows_key or "", row_values), (cols_key, col_values), path)
     return True
 
 
 def plot_curves(trials: list[Trial], path: Path) -> None:
     """Train loss (left) and validation loss (right) of every trial in one figure."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for t in trials:
-        label = f"{t.name.split('-', 2)[-1]} ({t.status})"
-        steps = [s for s, loss in t.train_losses if _finite(loss)]
-        losses = [loss for _, loss in t.train_losses if _finite(loss)]
-        (line,) = left.plot(steps, losses, lw=1, alpha=0.8, label=label)
-        evals = sorted((s, v) for s, v in t.evals.items() if _finite(v))
-        if evals:
-            right.plot(*zip(*evals, strict=True), marker="o", ms=3, color=line.get_color(), label=label)
-    left.set(title="train loss", xlabel="step", ylabel="loss")
-    right.set(title="validation loss", xlabel="step", ylabel="loss")
-    right.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = [
+        charts.Series(
+            f"{t.name.split('-', 2)[-1]} ({t.status})",
+            [(s, loss) for s, loss in t.train_losses if _finite(loss)],
+            sorted((s, v) for s, v in t.evals.items() if _finite(v)),
+        )
+        for t in trials
+    ]
+    charts.plot_runs(series, path)

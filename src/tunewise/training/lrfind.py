@@ -9,20 +9,34 @@ lr_find.json and lr_find.png; the suggestion feeds `tunewise sweep --grid` as th
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tunewise.config import Config, ConfigError
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
+
+from tunewise import rundir
+from tunewise.config import Config
+from tunewise.data import DataCollator, build_datasets, ensure_pad_token
+from tunewise.errors import ConfigError
+from tunewise.model import load_model, load_tokenizer, resolve_hardware
+from tunewise.training.callbacks import RangeRecorder
+from tunewise.training.run import training_arguments
 
 SMOOTHING = 0.9  # EMA factor, ~10 steps of memory (fastai's 0.98 remembers ~50: half of a 100-step ramp)
 DIVERGE_FACTOR = 4.0
 MAX_SUGGESTION = 0.1  # keeps the x2 grid point below 1, which the config refuses
-LR_FIND_NOTE = ("learning-rate range tests are known to mislead on transformers and LoRA: the ramp is short, "
-                "starts from one initialization, has no warmup, and Adam's early steps and small noisy "
-                "batches move the curve; read lr_find.png and confirm with `tunewise sweep`")
+LR_FIND_NOTE = (
+    "learning-rate range tests are known to mislead on transformers and LoRA: the ramp is short, "
+    "starts from one initialization, has no warmup, and Adam's early steps and small noisy "
+    "batches move the curve; read lr_find.png and confirm with `tunewise sweep`"
+)
 
 
 @dataclass
@@ -53,8 +67,9 @@ class LRFindResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(out_dir=str(self.out_dir), sweep_override=self.sweep_override(),
-                    sweep_grid=self.sweep_grid())
+        data.update(
+            out_dir=str(self.out_dir), sweep_override=self.sweep_override(), sweep_grid=self.sweep_grid()
+        )
         return data
 
 
@@ -77,15 +92,14 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     return both + [math.nan] * (len(losses) - n)
 
 
-def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, float | None,
-                                                                  str, str | None]:
+def suggest_lr(
+    lrs: list[float], smoothed: list[float]
+) -> tuple[float | None, float | None, float | None, str, str | None]:
     """(minimum, steepest, suggestion, rule, caution) from the smoothed curve.
 
     The suggestion is the lr at the smoothed minimum / 10 (the "valley" rule); the steepest descent of
     the smoothed loss over log(lr) is reported next to it. A caution says why the curve is unclear.
     """
-    import numpy as np
-
     finite = [i for i, x in enumerate(smoothed) if math.isfinite(x)]
     if len(finite) < 5:
         return None, None, None, "none", "fewer than 5 finite points: lower --start or run more --steps"
@@ -96,12 +110,18 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float | None, f
     slope = np.gradient(loss[: i_min + 1], np.log10(lrs[: i_min + 1])) if i_min >= 2 else None
     steepest = lrs[int(np.argmin(slope))] if slope is not None else None
     suggestion = min(max(minimum / 10, lrs[0]), lrs[n - 1], MAX_SUGGESTION)
-    rule = (f"valley: a tenth of the lr at the smoothed-loss minimum ({minimum:.2g}); "
-            f"steepest descent at {steepest:.2g}" if steepest else f"valley: a tenth of {minimum:.2g}")
+    rule = (
+        f"valley: a tenth of the lr at the smoothed-loss minimum ({minimum:.2g}); "
+        f"steepest descent at {steepest:.2g}"
+        if steepest
+        else f"valley: a tenth of {minimum:.2g}"
+    )
     problems = []
     if minimum / 10 > MAX_SUGGESTION:
-        problems.append(f"the minimum / 10 is {minimum / 10:.2g}; capped at {MAX_SUGGESTION:g}, "
-                        "since Adam diverges above it")
+        problems.append(
+            f"the minimum / 10 is {minimum / 10:.2g}; capped at {MAX_SUGGESTION:g}, "
+            "since Adam diverges above it"
+        )
     drop = (loss[0] - loss[i_min]) / abs(loss[0]) if loss[0] else 0.0
     if drop < 0.05:
         problems.append(f"the smoothed loss fell only {drop:.1%} over the range")
@@ -126,52 +146,39 @@ def stop_reason(lrs: list[float], losses: list[float]) -> str | None:
     return None
 
 
-def _range_recorder(lrs: list[float], losses: list[float], reason: list[str]) -> Any:
-    """A TrainerCallback that records (lr, loss) per step and stops once the smoothed loss diverges."""
-    from transformers import TrainerCallback
-
-    class RangeRecorder(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
-                   **kwargs: Any) -> None:
-            if not logs or "loss" not in logs or "learning_rate" not in logs:
-                return
-            lrs.append(float(logs["learning_rate"]))
-            losses.append(float(logs["loss"]))
-            why = stop_reason(lrs, losses)
-            if why:  # never clear the flag: the Trainer sets it at max_steps
-                reason.append(why)
-                control.should_training_stop = True
-
-    return RangeRecorder()
-
-
-def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Any:
+def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Trainer:
     """A Trainer over the tunewise model and data, with the config's batch, precision and optimizer."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
-
-    from tunewise.data import DataCollator, build_datasets, ensure_pad_token
-    from tunewise.model import load_model, load_tokenizer, resolve_hardware
-    from tunewise.train import training_arguments
-
-    cfg.training.update(max_steps=steps, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-                        logging_steps=1, report_to="none", warmup_steps=0, lr_scheduler_type="constant")
+    cfg.training.update(
+        max_steps=steps,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1,
+        report_to="none",
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+    )
     hw = resolve_hardware(cfg)
     tokenizer = load_tokenizer(cfg)
     pad_added = ensure_pad_token(tokenizer)
     bundle = build_datasets(cfg.data, tokenizer)
     set_seed(int(cfg.training.get("seed", 42)))  # the same initial adapter every time
     model = load_model(cfg, hw, tokenizer, pad_added)
-    trainer = Trainer(model=model, args=training_arguments(cfg, out_dir, hw, has_eval=False),
-                      train_dataset=bundle.to_hf("train"),
-                      data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-                      processing_class=tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, out_dir, hw, has_eval=False),
+        train_dataset=bundle.to_hf("train"),
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     return trainer
 
 
-def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps: int = 100,
-                       out_dir: Path | None = None) -> LRFindResult:
+def find_learning_rate(
+    cfg: Config, start: float = 1e-7, end: float = 1.0, steps: int = 100, out_dir: Path | None = None
+) -> LRFindResult:
     """Learning-rate range test: lr grows exponentially from `start` to `end` over `steps` optimizer steps.
 
     Stops when the smoothed loss passes 4x its minimum. Writes lr_find.json and lr_find.png.
@@ -179,13 +186,13 @@ def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps
     Raises:
         ConfigError: a range that cannot work.
     """
-    import copy
-
-    from torch.optim.lr_scheduler import LambdaLR
-
     if not 0 < start < end or steps < 5:
-        raise ConfigError([f"lr-find needs 0 < --start < --end and --steps >= 5 "
-                           f"(got --start {start}, --end {end}, --steps {steps})"])
+        raise ConfigError(
+            [
+                f"lr-find needs 0 < --start < --end and --steps >= 5 "
+                f"(got --start {start}, --end {end}, --steps {steps})"
+            ]
+        )
     cfg = copy.deepcopy(cfg)
     out_dir = out_dir or Path(cfg.output_dir) / (f"lr-find-{cfg.name}" if cfg.name else "lr-find")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,35 +201,34 @@ def find_learning_rate(cfg: Config, start: float = 1e-7, end: float = 1.0, steps
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1.0  # LambdaLR multiplies this: the lambda is the learning rate itself
     ratio = end / start
-    trainer.lr_scheduler = LambdaLR(trainer.optimizer,
-                                    lambda i: start * ratio ** (min(i, steps - 1) / (steps - 1)))
-    lrs: list[float] = []
-    losses: list[float] = []
-    reason: list[str] = []
-    trainer.add_callback(_range_recorder(lrs, losses, reason))
+    trainer.lr_scheduler = LambdaLR(
+        trainer.optimizer, lambda i: start * ratio ** (min(i, steps - 1) / (steps - 1))
+    )
+    recorder = RangeRecorder(stop_reason)
+    trainer.add_callback(recorder)
     trainer.train()
+    lrs, losses = recorder.lrs, recorder.losses
     smoothed = smooth(losses)
     minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smoothed)
-    stop_reason = reason[0] if reason else f"reached --end after {len(lrs)} steps"
-    result = LRFindResult(out_dir, lrs, losses, smoothed, stop_reason, minimum, steepest, suggestion, rule,
-                          caution)
-    (out_dir / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    why = recorder.reason or f"reached --end after {len(lrs)} steps"
+    result = LRFindResult(out_dir, lrs, losses, smoothed, why, minimum, steepest, suggestion, rule, caution)
+    rundir.write_json(out_dir / "lr_find.json", result.to_dict())
     plot_lr_find(result, out_dir / "lr_find.png")
     return result
 
 
 def plot_lr_find(result: LRFindResult, path: Path) -> None:
     """Smoothed loss against the learning rate (log x), with both rules marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4.5), layout="tight")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
-    marks = [(result.minimum, "C3", "minimum"), (result.steepest, "C2", "steepest descent"),
-             (result.suggestion, "C1", "suggestion (minimum / 10)")]
+    marks = [
+        (result.minimum, "C3", "minimum"),
+        (result.steepest, "C2", "steepest descent"),
+        (result.suggestion, "C1", "suggestion (minimum / 10)"),
+    ]
     for lr, color, label in marks:
         if lr:
             ax.axvline(lr, color=color, ls="--", lw=1, label=f"{label}: {lr:.2g}")

@@ -6,7 +6,7 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
   - skips the optimizer update of a step whose loss or gradient norm is not finite (drops the gradients,
     so the optimizer leaves weights and moments untouched: with bf16 there is no loss scaler to do it);
   - writes one metrics.jsonl line per optimizer step and per evaluation (NaN stays NaN);
-  - feeds the doctor's CurveWatcher and writes its findings to findings.jsonl as they happen;
+  - feeds the doctor's CurveWatcher (tunewise.doctor) and writes its findings to findings.jsonl at once;
   - stops the run: at the first non-finite step (`diverged_at`), or when the doctor finds that batches
     train no token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence);
   - runs the doctor's end-of-run checks when training ends; `findings` holds everything it found.
@@ -14,7 +14,6 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -24,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tunewise.findings import Finding, append_findings
-from tunewise.watcher import CurveWatcher
+from tunewise import rundir
+from tunewise.doctor.findings import Finding, append_findings
+from tunewise.doctor.memory import check_memory
+from tunewise.doctor.watcher import CurveWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +83,14 @@ class WatchedTrainer(Trainer):
         self.step_record = StepRecord()
 
     def training_step(
-        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         kept = {k: inputs[k] for k in ("attention_mask", "labels") if k in inputs}  # before any pop
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.step_record.add(loss, kept)
         return loss
 
-    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self.step_record.grad_norm = float(norm) if norm is not None else None
         return norm
@@ -139,25 +140,28 @@ class StepMonitor(TrainerCallback):
         return None if self.diverged_at is None else self.watcher.trouble_began(self.diverged_at)
 
     # -- writing
-    def _write(self, name: str, record: dict) -> None:
+    def _write(self, record: dict) -> None:
         if self.run_dir is not None and self.is_main:
-            with open(self.run_dir / name, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            rundir.append_jsonl(self.run_dir / rundir.METRICS, [record])
 
     def _emit(self, findings: list[Finding]) -> None:
         for finding in findings:
             self.findings.append(finding)
             if self.run_dir is not None and self.is_main:
-                append_findings(self.run_dir / "findings.jsonl", [finding])
+                append_findings(self.run_dir / rundir.FINDINGS, [finding])
             if self.on_finding is not None and self.is_main:
                 self.on_finding(finding)
 
     # -- Trainer events
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.last_step_time = time.time()
         self.trainer.step_record.reset()
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         rec = self.trainer.step_record
         rec.settle()
         if kwargs.get("optimizer") is not None:
@@ -169,7 +173,9 @@ class StepMonitor(TrainerCallback):
                 p.grad = None
             self.skipped_steps.append(state.global_step + 1)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         rec = self.trainer.step_record
         rec.settle()
         now = time.time()
@@ -194,13 +200,13 @@ class StepMonitor(TrainerCallback):
         }
         if state.global_step == 1:
             record["memory_bytes"] = peak_memory_bytes()
-        self._write("metrics.jsonl", record)
+        self._write(record)
         new = self.watcher.observe_train(
             state.global_step, loss, rec.grad_norm, lr, state.epoch, trainable_tokens=rec.trained_tokens
         )
         self._emit(new)
         if state.global_step == 1 and self.memory_limit:
-            self._check_memory(record["memory_bytes"])
+            self._emit(check_memory(record["memory_bytes"], self.memory_limit))
         finite = _finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm))
         # With no trained token the loss is 0/0: no signal, not a divergence; the doctor decides when to stop.
         if not finite and rec.trained_tokens != 0 and self.diverged_at is None:
@@ -209,34 +215,27 @@ class StepMonitor(TrainerCallback):
             control.should_save = True  # save state at the step of divergence (weights are still finite)
         untrained = [f for f in new if f.code == "no_trainable_tokens" and f.severity == "error"]
         if untrained and self.stop_reason is None:
-            self.stop_reason = (f"{untrained[0].title}; stopped (fix the labels: `tunewise inspect` shows "
-                                "which tokens are trained)")
+            self.stop_reason = (
+                f"{untrained[0].title}; stopped (fix the labels: `tunewise inspect` shows "
+                "which tokens are trained)"
+            )
             control.should_training_stop = True
         if self.on_step is not None and self.is_main:
             self.on_step(record)
         rec.reset()
 
-    def _check_memory(self, used: int) -> None:
-        if used > 0.9 * self.memory_limit:
-            self._emit(
-                [
-                    Finding(
-                        step=1,
-                        severity="warning",
-                        code="memory_high",
-                        title=f"memory at step 1 is {used / self.memory_limit:.0%} of the device",
-                        evidence={"memory_bytes": used, "device_bytes": self.memory_limit},
-                        causes=["batch or sequence length too large for this device"],
-                        fixes=[],
-                    )
-                ]
-            )
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._emit(self.watcher.finish())  # end-of-run checks: a loss that stayed flat, a spike never over
 
     def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         metrics = metrics or {}
         record = {
@@ -245,6 +244,6 @@ class StepMonitor(TrainerCallback):
             "epoch": round(state.epoch or 0.0, 4),
             **{k: v for k, v in metrics.items() if isinstance(v, int | float)},
         }
-        self._write("metrics.jsonl", record)
+        self._write(record)
         if "eval_loss" in metrics:
             self._emit(self.watcher.observe_eval(state.global_step, float(metrics["eval_loss"]), state.epoch))
