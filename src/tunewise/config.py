@@ -83,6 +83,11 @@ class DataConfig:
     max_seq_length: int = setting(512, "tokens per example after the chat template")
     batching: Literal["padding_free", "padded", "grouped"] = setting(
         "padding_free",
+        "padding_free (a micro-batch is one row, no padding; padded where attention would mix examples)"
+        " | padded | grouped (padded, similar lengths together)",
+    )
+    batching: Literal["padding_free", "padded", "grouped"] = setting(
+        "padding_free",
         "padding_free: a micro-batch is one row, no padding (padded where the attention would mix examples)"
         " | padded | grouped: padded, similar lengths batched together",
     )
