@@ -86,11 +86,6 @@ class DataConfig:
         "padding_free (a micro-batch is one row, no padding; padded where attention would mix examples)"
         " | padded | grouped (padded, similar lengths together)",
     )
-    batching: Literal["padding_free", "padded", "grouped"] = setting(
-        "padding_free",
-        "padding_free: a micro-batch is one row, no padding (padded where the attention would mix examples)"
-        " | padded | grouped: padded, similar lengths batched together",
-    )
     train_on: Literal["assistant", "last", "all"] = setting("assistant", "which tokens carry loss")
     too_long: Literal["truncate", "drop", "error"] = setting(
         "truncate", "policy for examples over max_seq_length"
