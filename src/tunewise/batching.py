@@ -1,0 +1,307 @@
+"""Batching: how a micro-batch's examples become tensors, and what a step's compute buys.
+
+`data.batching`:
+  - `padding_free` (default): the examples of a micro-batch are concatenated into one row, `position_ids`
+    restart at each example and there is no attention mask, so no compute is spent on padding. transformers
+    builds the block-diagonal causal mask from the restarts (sdpa, eager); FlashAttention reads them as
+    sequence boundaries; for sdpa tunewise runs causal attention example by example (`packed_sdpa_attention`),
+    which skips the blocks between examples instead of masking them. transformers' DataCollatorWithFlattening
+    puts -100 on the first label of each example: the model shifts labels, so that position would be predicted
+    from the previous example's last token; in a padded row it is never a target either, so the trained tokens
+    and the Trainer's `num_items_in_batch` (the loss normaliser) are the same as padded.
+  - `padded`: each row right-padded to the micro-batch's longest example (tunewise.data.DataCollator).
+  - `grouped`: padded, with the Trainer's length-grouped sampler (`train_sampling_strategy=group_by_length`).
+
+None of them changes the examples per step, so the plan's step count holds. Whether a model really keeps
+packed examples apart is not assumed: `packing_problem` runs the loaded model on a packed probe and checks
+that the second example's logits neither depend on the first example nor differ from running it alone; when
+they do, training falls back to `padded` and says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AttentionInterface, DataCollatorWithFlattening
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from tunewise.data import DataCollator
+
+logger = logging.getLogger(__name__)
+
+Batching = Literal["padding_free", "padded", "grouped"]
+PACKED_SDPA = "tunewise_packed_sdpa"
+# Same shapes, other first example: a model that keeps examples apart gives the second one the same logits.
+LEAK_TOLERANCE = 1e-3
+# Alone vs packed: other shapes round differently (bf16 most); a model that ignores position_ids is far off.
+POSITION_TOLERANCE = 5e-2
+
+
+# ----------------------------------------------------------------------------- attention per example
+
+
+def _segments(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
+    """(start, end) of each example in a packed row of `length` tokens; None when it holds one example."""
+    if position_ids is None or position_ids.shape[0] != 1 or position_ids.shape[-1] != length:
+        return None
+    starts = [0, *(torch.nonzero(position_ids[0, 1:] != position_ids[0, :-1] + 1).flatten() + 1).tolist()]
+    if len(starts) == 1:
+        return None
+    return list(zip(starts, [*starts[1:], length], strict=True))
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, run causally example by example on a packed row (else unchanged).
+
+    The block-diagonal mask makes sdpa compute every pair of the row and discard most of them; per example,
+    sdpa's causal kernels compute only the pairs that count.
+    """
+    segments = (
+        _segments(kwargs.get("position_ids"), query.shape[2]) if key.shape[2] == query.shape[2] else None
+    )
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    outputs = [
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout, scaling, is_causal=True
+        )[0]
+        for a, b in segments
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # padded batches (generation) keep their mask
+
+
+# ----------------------------------------------------------------------------- the choice
+
+
+@dataclass
+class BatchingChoice:
+    """The batching asked for, the one used, and why they differ."""
+
+    requested: Batching
+    used: Batching
+    attention: str | None = None  # the model's attention implementation while training
+    reason: str | None = None  # why padding_free fell back to padded
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (plan.json's `batching`)."""
+        return asdict(self)
+
+    def notice(self) -> str | None:
+        """The one-line notice for a fallback."""
+        if self.reason is None:
+            return None
+        return f"data.batching: padding_free -> padded: {self.reason}"
+
+
+def _base(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attention(model: Any) -> str | None:
+    return getattr(getattr(_base(model), "config", None), "_attn_implementation", None)
+
+
+def _set_attention(model: Any, name: str) -> None:
+    _base(model).config._attn_implementation = name  # the setter reaches the sub-configs too
+
+
+def _probe_logits(model: Any, ids: list[int], positions: list[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device)
+    )
+    return out.logits[0].float()
+
+
+def packing_problem(model: Any) -> str | None:
+    """Why this model would not keep the examples of a packed row apart; None when it does.
+
+    Runs the model (eval mode, no gradients) on a packed row [a | b], on [a' | b] with another first example,
+    and on b alone: b's logits must be the same in the first two (nothing leaks from a) and match the third
+    (positions restart at each example).
+    """
+    base = _base(model)
+    accepts = inspect.signature(base.forward).parameters
+    if "position_ids" not in accepts and not any(p.kind is p.VAR_KEYWORD for p in accepts.values()):
+        return f"{type(base).__name__}.forward takes no position_ids"
+    vocab = int(getattr(base.config, "vocab_size", 0) or 0) or 1000
+    a1, a2, b = ([(7 * i + k) % vocab for i in range(n)] for k, n in ((11, 6), (500, 6), (101, 5)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first = _probe_logits(model, a1 + b, [*range(6), *range(5)])[6:]
+            second = _probe_logits(model, a2 + b, [*range(6), *range(5)])[6:]
+            alone = _probe_logits(model, b, list(range(5)))
+    except Exception as exc:  # a model that cannot take a packed row at all
+        return f"{type(base).__name__} failed on a packed row ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(was_training)
+    scale = float(alone.abs().max()) or 1.0
+    leak = float((first - second).abs().max()) / scale
+    if leak > LEAK_TOLERANCE:
+        return (
+            f"with attention `{_attention(model)}`, {type(base).__name__} lets packed examples see each "
+            f"other (an example's logits moved by {leak:.1%} when the example before it changed)"
+        )
+    shift = float((first - alone).abs().max()) / scale
+    if shift > POSITION_TOLERANCE:
+        return (
+            f"{type(base).__name__} does not restart positions at each packed example "
+            f"(logits {shift:.1%} off running the example alone)"
+        )
+    return None
+
+
+def choose_batching(model: Any, requested: Batching) -> BatchingChoice:
+    """Decide the batching for this model; for padding_free, prove the model keeps examples apart.
+
+    With sdpa attention the model is switched to `packed_sdpa_attention` (same results, less compute); a model
+    that fails the probe goes back to its own attention and to padded batches.
+    """
+    original = _attention(model)
+    if requested != "padding_free":
+        return BatchingChoice(requested, requested, original)
+    if original == "sdpa":
+        _set_attention(model, PACKED_SDPA)
+    problem = packing_problem(model)
+    if problem is None:
+        return BatchingChoice(requested, requested, _attention(model))
+    if original is not None and _attention(model) != original:
+        _set_attention(model, original)
+    logger.warning("padding_free falls back to padded: %s", problem)
+    return BatchingChoice(requested, "padded", original, problem)
+
+
+def make_collator(choice: BatchingChoice, pad_token_id: int) -> Any:
+    """The data collator for the batching in use."""
+    if choice.used == "padding_free":
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollator(pad_token_id=pad_token_id)
+
+
+def sampling_strategy(batching: Batching) -> str | None:
+    """TrainingArguments.train_sampling_strategy for the batching (None: leave the Trainer's default)."""
+    return "group_by_length" if batching == "grouped" else None
+
+
+def record_choice(plan_path: Path, choice: BatchingChoice) -> None:
+    """Write the batching used into plan.json (the plan is written before the model is loaded)."""
+    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+    plan["batching"] = choice.to_dict()
+    plan_path.write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- what a step costs
+
+
+def batch_counts(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Token counts of one micro-batch, as device tensors (no host sync).
+
+    `tokens`: real tokens (no padding); `positions`: positions computed, padding included; `trained`:
+    positions that are a loss target (labels shifted by one, as the model does); `pairs`: causal attention
+    pairs (sum of l (l + 1) / 2 over the examples), for the attention FLOPs.
+    """
+    ids = inputs["input_ids"]
+    counts: dict[str, torch.Tensor] = {"positions": torch.tensor(ids.numel(), device=ids.device)}
+    if "attention_mask" in inputs:
+        lengths = inputs["attention_mask"].sum(-1)
+    elif "position_ids" in inputs:
+        # a packed row: an example ends where the next one restarts at position 0
+        lengths = (inputs["position_ids"].reshape(-1) == 0).long().cumsum(0).bincount()
+    else:
+        lengths = torch.full((ids.shape[0],), ids.shape[-1], device=ids.device)
+    counts["tokens"] = lengths.sum()
+    counts["pairs"] = (lengths * (lengths + 1) // 2).sum()
+    if "labels" in inputs:
+        counts["trained"] = (inputs["labels"][..., 1:] != -100).sum()
+    return counts
+
+
+@dataclass
+class StepCost:
+    """FLOPs per token and per attention pair of the model, and the device's measured peak.
+
+    Per token: the forward's 2 FLOPs per parameter, 2 more for the gradient with respect to the inputs, and
+    2 per trainable parameter for the weight gradients (6N for full fine-tuning; 4N + 2N_trainable for LoRA,
+    whose frozen weights need no weight gradient). Per causal pair: 4 FLOPs per hidden unit and layer forward
+    (QK^T and AV), 3x with the backward. Recomputation under gradient checkpointing is not counted (MFU, not
+    hardware utilisation); padding is never counted.
+    """
+
+    flops_per_token: float
+    flops_per_pair: float
+    peak_flops: float | None  # FLOP/s of a matmul at the training dtype on this device
+
+    def step_flops(self, tokens: int, pairs: int) -> float:
+        """Model FLOPs of a step with these real tokens and causal attention pairs."""
+        return self.flops_per_token * tokens + self.flops_per_pair * pairs
+
+    def mfu(self, tokens: int, pairs: int, seconds: float) -> float | None:
+        """Model FLOPs utilisation of a step: its model FLOPs per second over the peak."""
+        if not self.peak_flops or seconds <= 0:
+            return None
+        return self.step_flops(tokens, pairs) / seconds / self.peak_flops
+
+
+def step_cost(
+    total_params: int, trainable_params: int, layers: int, hidden: int, peak: float | None
+) -> StepCost:
+    """The StepCost of a model from its parameter counts and shape."""
+    return StepCost(
+        flops_per_token=4.0 * total_params + 2.0 * trainable_params,
+        flops_per_pair=12.0 * layers * hidden,
+        peak_flops=peak,
+    )
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul at `dtype` on `device`: the best of repeated runs for about `seconds`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel choice, page faults
+    sync()
+    best, started = float("inf"), time.perf_counter()
+    while time.perf_counter() - started < seconds or best == float("inf"):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(
+    device: str, device_name: str, dtype: torch.dtype, cache: Path, remeasure: bool = False
+) -> float:
+    """The device's matmul peak at `dtype`, measured once per device, dtype and threads; kept in `cache`."""
+    threads = f" x{torch.get_num_threads()} threads" if device == "cpu" else ""
+    key = f"{device}|{device_name}{threads}|{str(dtype).removeprefix('torch.')}"
+    known = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+    if key not in known or remeasure:
+        known[key] = measure_peak_flops(device, dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=2), encoding="utf-8")
+    return float(known[key])
