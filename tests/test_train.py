@@ -159,7 +159,19 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, small_data, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "ddp"})
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "tunewise.cli", "train", "--nproc", "2", "--force", *overrides],
+        # overrides before the flags: the relaunch once appended them after `--quiet` and every rank failed
+        [
+            sys.executable,
+            "-m",
+            "tunewise.cli",
+            "train",
+            *overrides,
+            "--nproc",
+            "2",
+            "--force",
+            "--quiet",
+            "--no-samples",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -172,3 +184,4 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, small_data, tmp_path):
     assert plan["steps"]["processes"] == 2 and plan["steps"]["effective_batch"] == 4 * 2 * 2
     assert result["status"] == "completed" and result["global_step"] == 6
     _complete(run_dir, "adapter")
+    assert "step 1/" not in proc.stdout and not (run_dir / "samples.json").exists()  # --quiet, --no-samples

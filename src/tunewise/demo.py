@@ -5,33 +5,27 @@ Everything a newcomer runs with `make demo`; it prints where the run and its num
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from tunewise import rundir
+from tunewise.check import run_check
 from tunewise.config import load_config
+from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
+from tunewise.evaluate import evaluate
+from tunewise.model import resolve_model_path
+from tunewise.training.run import TrainHooks, train
+
+if TYPE_CHECKING:
+    from tunewise.cli.printers import Printer
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def run_demo(
-    say: Callable[..., None],
-    print_plan: Callable,
-    print_check: Callable,
-    print_finding: Callable,
-    print_eval: Callable,
-    progress: Any,
-    overrides: list[str] | None = None,
-) -> int:
-    """Run the whole demo; returns the exit status."""
-    from tunewise.check import run_check
-    from tunewise.diagnose import diagnose_path, render_diagnosis
-    from tunewise.evaluate import evaluate
-    from tunewise.model import resolve_model_path
-    from tunewise.train import TrainHooks, train
-
+def run_demo(out: Printer, overrides: list[str] | None = None, quiet: bool = False) -> int:
+    """Run the whole demo, printing through `out` (the CLI's printers); returns the exit status."""
+    say, progress = out.say, out.progress(quiet)
     started = time.time()
     cfg = load_config(DEMO_CONFIG, overrides)
     say(
@@ -42,17 +36,17 @@ def run_demo(
     say(f"    {resolve_model_path(cfg.model.name)}")
     say("2/5 check")
     report = run_check(cfg)
-    print_check(report, brief=True)
-    print_plan(report.plan)
+    out.check(report, brief=True)
+    out.plan(report.plan)
     if report.failed:
         return 1
     say("3/5 base model on the test split")
     base = evaluate(cfg, None)
-    print_eval(base)
+    out.eval(base)
     say("4/5 train")
     hooks = TrainHooks(
-        on_notice=lambda n: say(f"notice: {n}"),
-        on_finding=print_finding,
+        on_notice=out.notice,
+        on_finding=out.finding,
         on_step=progress.step,
         on_start=progress.begin,
     )
@@ -66,8 +60,8 @@ def run_demo(
     say(f"    {result.status}: {at_10}loss at the end (step {last}) {losses.get(last, float('nan')):.4f}")
     say("5/5 tuned model on the test split")
     tuned = evaluate(cfg, result.run_dir)
-    print_eval(tuned)
-    (result.run_dir / "eval.json").write_text(json.dumps({"base": base, "tuned": tuned}, indent=2) + "\n")
+    out.eval(tuned)
+    rundir.write_json(result.run_dir / rundir.EVAL, {"base": base, "tuned": tuned})
     say("doctor:", style="bold")
     say(render_diagnosis(diagnose_path(result.run_dir)))
     say(
@@ -83,9 +77,4 @@ def run_demo(
 
 def _losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss from metrics.jsonl."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in rundir.train_records(rundir.read_metrics(run_dir))}

@@ -1,0 +1,246 @@
+"""Printers: what the commands show people, on a terminal (colour, a progress bar) or as plain text.
+
+The CLI is the only part of tunewise that prints. `Printer` gathers the printers the commands share;
+the demo (tunewise.demo) is handed one, so it prints exactly as the commands do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+if TYPE_CHECKING:
+    from tunewise.check import CheckReport
+    from tunewise.doctor.findings import Finding
+    from tunewise.rundir import RunResult
+    from tunewise.sweep import SweepResult, Trial
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+GIB = 1024**3
+
+
+def say(text: str = "", style: str | None = None) -> None:
+    """One line to stdout, with an optional rich style (no markup is interpreted)."""
+    console.print(text, style=style, markup=False)
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a one-line summary: NaN spelled out, `-` for None."""
+    if isinstance(x, float):
+        return "NaN" if math.isnan(x) else f"{x:.{digits}g}"
+    return "-" if x is None else str(x)
+
+
+class Progress:
+    """Progress during train: a rich bar on a terminal, a plain line every 15 s (and at steps 1 and 10)
+    elsewhere; nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.task, self.total, self.last_print = quiet, None, None, 0, 0.0
+        self.start = time.time()
+
+    def begin(self, info: dict) -> None:
+        self.total = int(info.get("max_steps") or 0)
+        self.start = time.time()  # elapsed and ETA count from the first step, not from start-up
+        if self.quiet or not console.is_terminal:
+            return
+        self.bar = RichProgress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=self.total, info="")
+
+    def step(self, rec: dict) -> None:
+        info = (
+            f"loss {fmt(rec['loss'])} lr {fmt(rec['learning_rate'], 3)} "
+            f"{fmt(rec.get('tokens_per_s') or 0.0, 4)} tok/s"
+        )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], info=info)
+        elif not self.quiet and (
+            rec["step"] in (1, 10) or time.time() - self.last_print > 15 or rec["step"] == self.total
+        ):
+            elapsed = time.time() - self.start
+            eta = elapsed / rec["step"] * (self.total - rec["step"]) if rec["step"] else 0
+            say(f"step {rec['step']}/{self.total}  {info}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+            self.last_print = time.time()
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class Printer:
+    """The printers the commands share; the demo gets one instead of a handful of callables."""
+
+    say = staticmethod(say)
+
+    def progress(self, quiet: bool) -> Progress:
+        return Progress(quiet)
+
+    def notice(self, text: str) -> None:
+        say(f"notice: {text}", style="yellow")
+
+    def plan(self, plan: dict) -> None:
+        """Steps, warmup, cadence, hardware and memory of a plan (plan.json)."""
+        s = plan["steps"]
+        say(
+            f"plan: {s['examples']} examples, effective batch {s['effective_batch']} "
+            f"(per-device x accumulation x {s['processes']} process(es)), "
+            f"{s['steps_per_epoch']} steps/epoch, "
+            f"{s['total_steps']} optimizer steps in total, warmup {plan['warmup_steps']} steps",
+            style="bold",
+        )
+        if s["rule_of_thumb"] != s["total_steps"] and s["epochs"] == int(s["epochs"]):
+            say(
+                "  note: the rule of thumb (examples // effective batch) x epochs gives "
+                f"{s['rule_of_thumb']}; the Trainer also steps on the partial batch that ends each epoch, "
+                f"so it runs {s['total_steps']}"
+            )
+        say(
+            f"  evaluations: {plan['evaluations']} ({plan['evaluations_per_epoch']}/epoch); "
+            f"saves: {plan['saves']}; "
+            f"learning rate {fmt(plan['learning_rate'])} ({plan['method']})"
+        )
+        hw = plan.get("hardware")
+        if hw:
+            say(
+                f"  hardware: {hw['device']} ({hw['device_name']}), precision {hw['precision']}, "
+                f"optimizer {hw['optim']}"
+            )
+        mem = plan.get("memory")
+        if mem:
+            say(
+                f"  memory at step 1 (estimate): {mem['peak'] / GIB:.2f} GiB "
+                f"of {mem['device_bytes'] / GIB:.1f} GiB "
+                f"(weights {mem['weights'] / GIB:.2f}, optimizer {mem['optimizer'] / GIB:.2f}, activations "
+                f"{mem['activations_with_checkpointing'] / GIB:.2f} with checkpointing / "
+                f"{mem['activations_without_checkpointing'] / GIB:.2f} without); "
+                f"{mem['trainable_parameters']:,} trainable of {mem['total_parameters']:,} parameters"
+            )
+
+    def check(self, report: CheckReport, brief: bool = False) -> None:
+        """The checklist, one line per item (brief: only what is not PASS), and the counts."""
+        styles = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
+        for item in report.items:
+            if brief and item.status == "PASS":
+                continue
+            say(f"{item.status:4}  {item.name}: {item.detail}", style=styles.get(item.status))
+            if item.fix and item.status != "PASS":
+                say(f"      fix: {item.fix}")
+        counts = report.counts()
+        say(f"check: {counts['PASS']} pass, {counts['WARN']} warn, {counts['FAIL']} fail")
+
+    def finding(self, finding: Finding) -> None:
+        """A live finding, with its first three config fixes."""
+        style = {"error": "bold red", "warning": "yellow", "info": "cyan"}.get(finding.severity, None)
+        where = f"step {finding.step}" if finding.step is not None else "run"
+        say(f"[doctor] {finding.severity.upper()} at {where}: {finding.title}", style=style)
+        for fix in finding.fixes[:3]:
+            if fix.change:
+                say(f"         fix: {fix.change}  ({fix.why})")
+
+    def eval(self, result: dict) -> None:
+        """One evaluation's exact match (and JSON validity and field accuracy for the bundled task)."""
+        extra = ""
+        if "field_accuracy" in result:
+            extra = f", valid JSON {result['valid_json']:.0%}, field accuracy {result['field_accuracy']:.1%}"
+        say(
+            f"{result['which']} model: exact match {result['exact_match']:.1%} "
+            f"on {result['n']} test examples{extra} "
+            f"({result['seconds']}s)",
+            style="bold",
+        )
+
+    def result(self, result: RunResult) -> None:
+        """How a training run ended, the doctor's findings, and where its directory is."""
+        n = result.numbers
+        style = "bold green" if result.status == "completed" else "bold red"
+        say(
+            f"{result.status}: {result.global_step} steps; "
+            f"final train loss {fmt(n.get('final_train_loss'))}, "
+            f"best eval loss {fmt(n.get('best_eval_loss'))} ({n.get('best_checkpoint') or 'no checkpoint'})",
+            style=style,
+        )
+        if result.error:
+            say(f"why: {result.error}", style=style)
+        if n.get("recovery_changes"):
+            say(f"recovered from divergence by changing: {', '.join(n['recovery_changes'])}")
+        findings = n.get("findings") or []
+        if findings:
+            say(f"the doctor's findings ({len(findings)}):", style="bold")
+            for f in findings:
+                where = f"step {f['step']}" if f.get("step") is not None else "run"
+                say(f"  {f['severity']:7} {where}: {f['title']}")
+        else:
+            say("the doctor found nothing to warn about")
+        say(
+            f"run directory: {result.run_dir}  (saved {n.get('saved', '-')}/, report.html; "
+            f"next: tunewise doctor {result.run_dir})"
+        )
+
+    def trial_event(self, event: str, trial: Trial) -> None:
+        """A sweep trial starting or ending."""
+        params = " ".join(trial.overrides())
+        if event == "start":
+            say(f"{trial.name}: running ({params})")
+            return
+        evals = sorted(trial.evals.items())
+        last = f"val loss {fmt(evals[-1][1])} at step {evals[-1][0]}" if evals else "no eval"
+        style = "red" if trial.status in ("failed", "diverged") else None
+        say(
+            f"{trial.name}: {trial.status} at step {trial.global_step}, {last}, {trial.seconds:.0f}s",
+            style=style,
+        )
+
+    def sweep(self, result: SweepResult) -> None:
+        """The ranked trials of a sweep, the winner and what to run next."""
+        spec = result.spec
+        where = (
+            f"at step {result.compare_step}"
+            if spec.strategy == "grid"
+            else f"at the highest rung each reached (rungs {', '.join(map(str, result.rungs))})"
+        )
+        say(
+            f"sweep {result.sweep_dir}: {spec.strategy}, {len(result.trials)} trials, "
+            f"up to {spec.max_steps} steps; ranked by validation loss {where}",
+            style="bold",
+        )
+        if result.launched == 0:
+            say("every trial was already done: nothing was run again (delete a trial directory to re-run it)")
+        keys = list(spec.grid)
+        head = f"{'#':>2}  {'trial':32} " + " ".join(f"{k.split('.')[-1][:13]:>13}" for k in keys)
+        say(f"{head}  {'status':9} {'verdict':17} {'steps':>5} {'time':>6}  val loss")
+        for rank, t in enumerate(result.trials, start=1):
+            cells = " ".join(f"{t.params[k][:13]:>13}" for k in keys)
+            loss = f"{fmt(t.val_loss)} @{t.rank_step}" if t.val_loss is not None else "-"
+            mark = "  <- winner" if t is result.winner else ""
+            status = f"pruned@{t.pruned_at}" if t.pruned_at and t.status == "stopped" else t.status
+            style = "bold green" if mark else ("red" if t.status in ("failed", "diverged") else None)
+            say(
+                f"{rank:>2}  {t.name[:32]:32} {cells}  {status:9} {t.verdict or '-':17} {t.global_step:>5} "
+                f"{t.seconds:>5.0f}s  {loss}{mark}",
+                style=style,
+            )
+            if t.status in ("failed", "diverged"):
+                say(f"      {t.finding or t.error or ''}"[:300])
+        say(f"optimizer steps spent: {result.total_steps}; files: {', '.join(result.files.values())}")
+        if result.winner is not None:
+            say(
+                f"winner: {' '.join(result.winner.overrides())}  (val loss {fmt(result.winner.val_loss)})",
+                style="bold",
+            )
+            say(f"next: tunewise train {result.files['best_config']}   (or re-run with --then-train)")
+        else:
+            say("no trial finished with a validation loss: see the findings above", style="bold red")
