@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tunewise.config import load_config
 from tunewise.training.run import TrainHooks, train
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 
 
 def _complete(run_dir: Path, saved: str) -> None:

@@ -15,7 +15,7 @@ from tunewise.doctor.findings import Finding, Fix, append_findings, read_finding
 from tunewise.doctor.watcher import CurveWatcher
 from tunewise.errors import DoctorError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 STATES = FIXTURES / "trainer_states"
 EXPECTED = json.loads((FIXTURES / "expected_verdicts.json").read_text())
 
@@ -453,9 +453,9 @@ def test_diagnosis_exit_codes_and_dict() -> None:
 
 
 def test_module_does_not_import_torch_or_transformers() -> None:
-    modules = sorted(p.stem for p in (Path(__file__).parents[1] / "src/tunewise/doctor").glob("*.py"))
+    modules = sorted(p.stem for p in (Path(__file__).parents[2] / "src/tunewise/doctor").glob("*.py"))
     code = (f"import sys; import {', '.join('tunewise.doctor.' + m for m in modules)}; "
             "print(sorted(m for m in ('torch', 'transformers', 'tensorboard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+                         env={"PYTHONPATH": str(Path(__file__).parents[2] / "src")})
     assert out.stdout.strip() == "[]"
