@@ -208,6 +208,7 @@ def plan_run(
         "saves_per_epoch": round(saves_per_epoch, 2),
         "learning_rate": t["learning_rate"],
         "method": cfg.model.method,
+        "batching": {"requested": cfg.data.batching},  # what is used is decided on the loaded model
     }
     if hw is not None:
         plan["hardware"] = hw.to_dict()

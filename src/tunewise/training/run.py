@@ -22,8 +22,8 @@ from typing import Any
 from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 
 from tunewise import rundir
+from tunewise.batching import choose_batching, make_collator, record_choice, sampling_strategy
 from tunewise.config import Config
-from tunewise.data import DataCollator
 from tunewise.doctor.findings import Finding
 from tunewise.doctor.watcher import CurveWatcher
 from tunewise.model import Hardware, load_model
@@ -33,7 +33,7 @@ from tunewise.rundir import RunResult
 from tunewise.training.callbacks import LearningRateReset, PauseAt
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
-from tunewise.training.recovery import recover
+from tunewise.training.recovery import divergence_message, recover
 from tunewise.training.samples import write_samples
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,9 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
             return _finish(trainer, setup, "stopped" if paused else "completed", extra)
         if doctor.on_divergence != "recover" or attempt == doctor.max_recoveries:
             extra = {**summary, "diverged_at": monitor.diverged_at, "recovery_changes": changes}
-            return _finish(trainer, setup, "diverged", extra)
+            result = _finish(trainer, setup, "diverged", extra)
+            result.error = divergence_message(setup.cfg, monitor.diverged_at, monitor.divergence, changes)
+            return result
         recovery = recover(
             setup.cfg, run_dir, attempt, monitor.diverged_at, monitor.trouble_began, hooks.on_finding
         )
@@ -162,6 +164,11 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     cfg, run_dir, prepared = setup.cfg, setup.run_dir, setup.prepared
     hw, tokenizer, bundle = prepared.hw, prepared.tokenizer, prepared.bundle
     model = load_model(cfg, hw, tokenizer, prepared.pad_added)
+    choice = choose_batching(model, cfg.data.batching)  # padding_free only where examples stay apart
+    if is_main_process():
+        record_choice(run_dir / rundir.PLAN, choice)
+        if choice.notice() and setup.hooks.on_notice:
+            setup.hooks.on_notice(choice.notice())
     has_eval = bool(bundle.validation)
     args = training_arguments(cfg, run_dir, hw, has_eval)
     # The TensorBoard callback reads the env var in this release; keep events inside the run directory.
@@ -171,7 +178,7 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
         args=args,
         train_dataset=bundle.to_hf("train"),
         eval_dataset=bundle.to_hf("validation") if has_eval else None,
-        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=make_collator(choice, tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     plan = plan_steps(
@@ -211,6 +218,8 @@ def training_arguments(cfg: Config, run_dir: Path, hw: Hardware, has_eval: bool)
     t["bf16"] = hw.precision == "bf16"
     t["fp16"] = hw.precision == "fp16"
     t["disable_tqdm"] = True  # tunewise shows its own progress
+    if sampling_strategy(cfg.data.batching):
+        t["train_sampling_strategy"] = sampling_strategy(cfg.data.batching)
     if hw.device == "cpu":
         t["use_cpu"] = True
         t.setdefault("dataloader_pin_memory", False)
