@@ -33,7 +33,7 @@ from tunewise.rundir import RunResult
 from tunewise.training.callbacks import LearningRateReset, PauseAt
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
-from tunewise.training.recovery import divergence_message, recover
+from tunewise.training.recovery import recover
 from tunewise.training.samples import write_samples
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
             return _finish(trainer, setup, "stopped" if paused else "completed", extra)
         if doctor.on_divergence != "recover" or attempt == doctor.max_recoveries:
             extra = {**summary, "diverged_at": monitor.diverged_at, "recovery_changes": changes}
-            result = _finish(trainer, setup, "diverged", extra)
-            result.error = divergence_message(setup.cfg, monitor.diverged_at, monitor.divergence, changes)
-            return result
+            return _finish(trainer, setup, "diverged", extra)
         recovery = recover(
             setup.cfg, run_dir, attempt, monitor.diverged_at, monitor.trouble_began, hooks.on_finding
         )
