@@ -190,3 +190,100 @@ def overfit_advice(method: str | None, best_eval_epoch: float | None) -> Advice:
 def memory_advice() -> Advice:
     """Causes and fixes of memory near the device's limit."""
     return ["batch or sequence length too large for this device"], []
+
+
+def overflow_advice() -> Advice:
+    """Causes and fixes of a grad norm that is NaN/inf at a step while the loss stays calm."""
+    return rank_advice(
+        [
+            (
+                3,
+                "fp16 overflow: the loss scaler found inf/NaN gradients and skipped the step (harmless once "
+                "or twice; the scaler lowers its scale)",
+                Fix("training.bf16=true", "bf16 has fp32's range and needs no loss scaling, where supported"),
+            ),
+            (
+                2,
+                "a batch with extreme values (a very long or garbage example)",
+                Fix(None, "`tunewise inspect` shows the longest examples; drop garbage rows"),
+            ),
+        ]
+    )
+
+
+def nothing_trained_advice(lr: float | None) -> Advice:
+    """Causes and fixes of a loss of exactly 0.0 with no gradient: no token or no weight is trained."""
+    zero_lr = lr is not None and lr <= 0
+    return rank_advice(
+        [
+            (
+                3,
+                "labels are masked: every label is -100, so no token carries loss",
+                Fix(
+                    "data.train_on=assistant", "train the assistant turns; `tunewise inspect` shows the -100s"
+                ),
+            ),
+            (
+                2,
+                "no weight is trainable (frozen model, or an adapter that is not attached)",
+                Fix(
+                    None,
+                    "check that trainable parameters are > 0 (requires_grad); with gradient checkpointing "
+                    "on a "
+                    "PEFT model call `model.enable_input_require_grads()`",
+                ),
+            ),
+            (
+                1 + (5 if zero_lr else 0),
+                f"the learning rate is {fmt_lr(lr)}"
+                if zero_lr
+                else "the learning rate is 0 for the whole run",
+                Fix("training.learning_rate=2.0e-04", "a typical LoRA rate (2e-5 for full fine-tuning)"),
+            ),
+        ]
+    )
+
+
+def oscillation_advice(method: str | None, lr: float | None, clip: float | None) -> Advice:
+    """Causes and fixes of a loss that swings without a trend: steps too large for the noise."""
+    high = lr is not None and lr > HIGH_LR.get(method, HIGH_LR[None])
+    return rank_advice(
+        [
+            (
+                3 + (5 if high else 0),
+                f"learning rate too high ({fmt_lr(lr)}): each step overshoots",
+                Fix(f"training.learning_rate={fmt_lr(lr / LR_CUT)}" if lr else None, "a tenth of the rate"),
+            ),
+            (
+                2,
+                "batches too small: each step follows the noise of a few examples",
+                Fix("training.gradient_accumulation_steps=8", "average more examples per update"),
+            ),
+            (
+                1 + (2 if not clip else 0),
+                "no or loose gradient clipping" if not clip else f"gradient clipping at {clip}",
+                Fix(f"training.max_grad_norm={SAFE_MAX_GRAD_NORM}", "clip each update's gradient norm"),
+            ),
+        ]
+    )
+
+
+def eval_non_finite_advice() -> Advice:
+    """Causes and fixes of a NaN/inf eval loss while the training loss is finite."""
+    return rank_advice(
+        [
+            (
+                3,
+                "validation examples with no trained token (every label -100): their loss is 0/0",
+                Fix(
+                    "data.too_long=drop",
+                    "drop examples whose response does not fit; `tunewise check` lists them",
+                ),
+            ),
+            (
+                2,
+                "fp16 overflow during evaluation (half-precision eval)",
+                Fix("training.fp16_full_eval=false", "evaluate in the training precision, or use bf16"),
+            ),
+        ]
+    )

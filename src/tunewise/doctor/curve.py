@@ -17,13 +17,15 @@ from typing import Any
 import yaml
 
 from tunewise import rundir
+from tunewise.doctor import tool_logs
 from tunewise.errors import DoctorError
 
 logger = logging.getLogger(__name__)
 
 EXPECTED = (
     "expected a tunewise run directory (metrics.jsonl), a Trainer output_dir (trainer_state.json "
-    "or checkpoint-*/trainer_state.json), a trainer_state.json file or TensorBoard event files"
+    "or checkpoint-*/trainer_state.json), a trainer_state.json file, a LLaMA-Factory trainer_log.jsonl, "
+    "an Axolotl output_dir (checkpoints or a model card with training results) or TensorBoard event files"
 )
 
 
@@ -96,7 +98,7 @@ def _read_file(path: Path) -> Curve:
     if path.name.startswith("events.out.tfevents"):
         return _read_tensorboard(path)
     if path.suffix == ".jsonl":
-        return _read_metrics_jsonl(path)
+        return _read_llamafactory(path) if tool_logs.is_llamafactory_log(path) else _read_metrics_jsonl(path)
     if path.suffix == ".json":
         return _read_trainer_state(path)
     raise DoctorError(f"{path}: not a log the doctor reads; {EXPECTED}")
@@ -112,8 +114,13 @@ def _read_dir(path: Path) -> Curve:
         curve = _read_trainer_state(path / "trainer_state.json")
     elif states:
         curve = _read_trainer_state(states[-1])  # the newest checkpoint holds the whole history
+    elif (path / tool_logs.LLAMAFACTORY_LOG).is_file():
+        curve = _read_llamafactory(path / tool_logs.LLAMAFACTORY_LOG)
     elif events := sorted(path.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         curve = _read_tensorboard(events[-1].parent)  # the most recent run's directory
+    elif records := tool_logs.results_table_records(path):
+        where = f"{path / tool_logs.MODEL_CARD}: Training results"
+        curve = _curve([_point(r, where, train="loss" in r) for r in records], path / tool_logs.MODEL_CARD)
     else:
         raise DoctorError(f"{path}: found no logs; {EXPECTED}")
     curve.checkpoints = sorted(checkpoints) or curve.checkpoints
@@ -179,6 +186,12 @@ def _read_metrics_jsonl(path: Path) -> Curve:
     return _curve(points, path)
 
 
+def _read_llamafactory(path: Path) -> Curve:
+    records, total = tool_logs.llamafactory_records(path)
+    points = [_point(record, where, train="loss" in record) for where, record in records]
+    return _curve(points, path, total_steps=total)
+
+
 def _read_trainer_state(path: Path) -> Curve:
     try:
         state = json.loads(path.read_text(encoding="utf-8", errors="replace"))
@@ -228,7 +241,8 @@ def _read_tensorboard(path: Path) -> Curve:
 
 
 def read_context(run_dir: Path) -> dict[str, Any]:
-    """Facts for ranking causes, from a tunewise run's config.yaml, plan.json and result.json."""
+    """Facts for ranking causes and judging the loss: a tunewise run's config.yaml, plan.json and
+    result.json, else LLaMA-Factory's or Axolotl's records, and the model's vocab_size."""
     config_path = run_dir / rundir.CONFIG
     text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     try:
@@ -254,5 +268,11 @@ def read_context(run_dir: Path) -> dict[str, Any]:
         **{k: (plan.get("steps") or {}).get(k) for k in ("total_steps", "steps_per_epoch")},
     }
     context.update({k: v for k, v in resolved.items() if isinstance(v, int)})
+    if isinstance(plan.get("vocab_size"), int):
+        context["vocab_size"] = plan["vocab_size"]
     context["status"] = rundir.read_json_object(run_dir / rundir.RESULT).get("status")
+    # Other tools' records fill in what tunewise's own files did not say.
+    for key, value in tool_logs.tool_context(run_dir).items():
+        if context.get(key) is None:
+            context[key] = value
     return context

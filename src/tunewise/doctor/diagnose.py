@@ -19,11 +19,14 @@ from typing import Any
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
 from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite, hides_nan, load_curve, read_context
 from tunewise.doctor.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
+from tunewise.doctor.progress import FLAT_BAND
 from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
 
 logger = logging.getLogger(__name__)
 
 MIN_POINTS = 5  # fewer train points than this are too few to judge (unless the run diverged)
+GRAD_BLIP_POINTS = 2  # a grad-norm spike with no loss spike within this many points is a blip
+SPIKE_UNSTABLE = 3.0  # a loss spike that came back counts as unstable from this many times its median
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Diagnosis:
         return SEVERITY_RANK[self.worst_severity() or "info"]
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict JSON: a NaN or inf number is written as null, with `<key>_non_finite` "NaN"/"inf"/"-inf"."""
+        return json_safe(self._raw_dict())
+
+    def _raw_dict(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict,
             "summary": self.summary,
@@ -55,6 +62,22 @@ class Diagnosis:
             "exit_code": self.exit_code(),
             "findings": [f.to_dict() for f in self.findings],
         }
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` that strict JSON parsers accept: each non-finite float in a dict becomes None
+    next to a `<key>_non_finite` flag ("NaN", "inf" or "-inf"); in a list it becomes that string."""
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key], out[f"{key}_non_finite"] = None, num(item)
+            else:
+                out[key] = json_safe(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [num(x) if isinstance(x, float) and not math.isfinite(x) else json_safe(x) for x in value]
+    return value
 
 
 def diagnose_path(path: Path) -> Diagnosis:
@@ -86,8 +109,12 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     _settle(watcher)
     verdict = _verdict(watcher, len(curve.train), context.get("status"))
     evidence = _run_evidence(curve, context.get("status"))
-    bad_step = watcher.open_episodes.get("non_finite", watcher.open_episodes.get("loss_explosion"))
+    bad_steps = [watcher.open_episodes[c] for c in DIVERGED_CODES if c in watcher.open_episodes]
+    bad_step = min(bad_steps) if bad_steps else None
     checkpoint, evidence["keep"] = _choose_checkpoint(curve, bad_step)
+    cause = _cause(watcher, verdict)
+    if cause:
+        evidence["cause"] = cause
     findings = list(watcher.findings)
     if verdict == "insufficient-data":
         findings.append(
@@ -108,19 +135,53 @@ def _settle(watcher: CurveWatcher) -> None:
     ended = {(code, began): end for code, began, end in watcher.recovered}
     last_step, last_loss = watcher.losses[-1] if watcher.losses else (None, None)
     for f in watcher.findings:
-        if f.code in ("not_falling", "flat") and watcher.end_change is not None and not watcher.flat_at_end:
+        fell = watcher.end_change is not None and watcher.end_change <= -FLAT_BAND
+        if f.code in ("not_falling", "flat") and fell:
             f.severity, f.title = "info", f"{f.title}; it fell later ({num(last_loss)} at step {last_step})"
         episode = {
             "non_finite": ("non_finite", f.step),
             "loss_explosion": ("loss_spike", f.evidence.get("spike_step")),
+            "loss_degradation": ("loss_degradation", f.evidence.get("min_step")),
+            "eval_degradation": ("eval_degradation", f.evidence.get("best_eval_step")),
         }.get(f.code)
         if episode in ended and f.severity == "error":
             f.severity, f.title = "warning", f"{f.title} (recovered by step {ended[episode]})"
+            if f.code == "eval_degradation":
+                f.severity = "info"  # the eval came back: no lasting harm
+        if f.code == "loss_spike" and ("loss_spike", f.step) in ended and _small_spike(f):
+            f.severity, f.title = (
+                "info",
+                f"{f.title}; a single blip, back by step {ended[('loss_spike', f.step)]}",
+            )
+        if f.code == "overfitting" and not watcher.overfitting.still_above_best():
+            f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
+        if f.code == "grad_norm_spike" and _blip(watcher, f.step):
+            f.severity, f.title = "info", f"{f.title}; the loss did not follow it"
+
+
+def _small_spike(f: Finding) -> bool:
+    """A loss spike under SPIKE_UNSTABLE x its recent median (one that exploded is never small)."""
+    ref = f.evidence.get("recent_median")
+    return bool(ref) and f.evidence.get("loss", 0.0) < SPIKE_UNSTABLE * ref
+
+
+def _blip(watcher: CurveWatcher, began: int | None) -> bool:
+    """A grad-norm spike that the loss did not follow: no loss spike within GRAD_BLIP_POINTS points of it."""
+    steps = [s for s, _ in watcher.losses]
+    if began is None or began not in steps:
+        return began is not None
+    at = steps.index(began)
+    near = set(steps[max(0, at - GRAD_BLIP_POINTS) : at + GRAD_BLIP_POINTS + 1])
+    return not any(f.code in ("loss_spike", "loss_explosion") and f.step in near for f in watcher.findings)
+
+
+def _serious_codes(watcher: CurveWatcher) -> set[str]:
+    return {f.code for f in watcher.findings if f.severity != "info"}
 
 
 def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Verdict:
-    """diverged > nothing trained (flat) > insufficient-data > overfitting > flat > unstable > healthy."""
-    codes = {f.code for f in watcher.findings}
+    """diverged > nothing trained (flat) > insufficient-data > overfitting > unstable > flat > healthy."""
+    codes = _serious_codes(watcher)
     if status == "diverged" or DIVERGED_CODES & watcher.open_episodes.keys():
         return "diverged"
     if watcher.nothing_trained:
@@ -129,9 +190,36 @@ def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Ve
         return "insufficient-data"
     if codes & OVERFIT_CODES:
         return "overfitting"
-    if watcher.flat_at_end:
-        return "flat"
-    return "unstable" if codes & UNSTABLE_CODES else "healthy"
+    if codes & UNSTABLE_CODES:
+        return "unstable"
+    return "flat" if watcher.flat_at_end else "healthy"
+
+
+def _cause(watcher: CurveWatcher, verdict: Verdict) -> str | None:
+    """The short cause behind a failure verdict, in the corpus labels' words."""
+    open_codes = watcher.open_episodes.keys()
+    if verdict == "diverged":
+        hidden = any(
+            f.code == "non_finite" and f.evidence.get("nan_hidden_by_logging_filter")
+            for f in watcher.findings
+        )
+        if "non_finite" in open_codes:
+            return "nan_hidden" if hidden else "non_finite"
+        if {"loss_degradation", "eval_degradation"} & open_codes:
+            return "degradation"
+        return "explosion" if "loss_explosion" in open_codes else None
+    if verdict == "flat":
+        return "nothing_trained" if watcher.nothing_trained else "not_learning"
+    if verdict == "unstable":
+        codes = _serious_codes(watcher)
+        return (
+            "oscillation"
+            if "oscillation" in codes
+            else "degradation"
+            if codes & {"loss_rising", "loss_degradation", "eval_degradation", "eval_rising"}
+            else "spikes"
+        )
+    return None
 
 
 def _run_evidence(curve: Curve, status: str | None) -> dict[str, Any]:
@@ -191,7 +279,7 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
         f"at step {ev.get('last_step')}"
     )
     if verdict == "diverged":
-        bad = [f for f in findings if f.code in ("non_finite", "loss_explosion") and f.severity == "error"]
+        bad = [f for f in findings if f.code in DIVERGED_CODES and f.severity == "error"]
         what = bad[0].title if bad else f"result.json says the run diverged; loss went from {span}"
         return f"Training diverged: {what}. It never recovered (last logged step {ev.get('last_step')})."
     if verdict == "insufficient-data":
@@ -207,12 +295,16 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
             f"{ev['best_eval_step']}) and rose to {num(ev['last_eval_loss'])} at step "
             f"{ev['last_eval_step']}, while train loss went from {span}."
         )
-    untrained = [f for f in findings if f.code == "no_trainable_tokens" and f.severity == "error"]
+    untrained = [
+        f for f in findings if f.code in ("no_trainable_tokens", "nothing_trained") and f.severity == "error"
+    ]
     if verdict == "flat" and untrained:
         return f"Nothing to learn: {untrained[0].title} (last logged step {ev.get('last_step')})."
     codes = {"overfitting": OVERFIT_CODES, "flat": {"flat"}, "unstable": UNSTABLE_CODES}.get(verdict)
     if codes:
-        first = min((f for f in findings if f.code in codes), key=lambda f: f.step or 0)
+        first = min(
+            (f for f in findings if f.code in codes and f.severity != "info"), key=lambda f: f.step or 0
+        )
         lead = {"overfitting": "Overfitting", "flat": "Loss barely moved", "unstable": "Unstable"}[verdict]
         return f"{lead}: {first.title}. Over the run, loss went from {span}."
     tail = (

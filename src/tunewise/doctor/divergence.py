@@ -6,12 +6,29 @@
   and > minimum + SPIKE_ABOVE_MIN, or > SPIKE_RATIO x the median of the last MEDIAN_WINDOW calm points
   and > that median + SPIKE_ABOVE_MEDIAN (catches small-loss tasks); either way also > that median +
   SPIKE_SIGMAS robust standard deviations of the last NOISE_WINDOW calm points (per-step losses are
-  noisy; ASSUMED_NOISE of the median is assumed below MIN_NOISE_POINTS points). Over once the loss is
-  back under max(CALM_RATIO x, + CALM_ABOVE) of the median.
+  noisy). Judged from MIN_NOISE_POINTS calm points on (before that the noise is unknown and only the
+  first-steps test below judges). Over once the loss is back under max(CALM_RATIO x, + CALM_ABOVE) of
+  the median.
 - loss_explosion (error): > EXPLOSION_RATIO x the minimum and > minimum + EXPLOSION_ABOVE_MIN,
   spiked for EXPLOSION_POINTS points in a row, or still spiked when the run ends.
+- loss_explosion in the first steps, before a calm curve exists: within the first EARLY_POINTS points
+  the loss is > EARLY_RATIO x the starting loss (the lowest of the first 3 points) and > start +
+  EARLY_ABOVE. At any step: the loss reaches KNOWS_NOTHING x ln(vocab size), the loss of a model that
+  knows nothing, from a start below KNEW_SOMETHING x ln(vocab size) (vocab size from the run's context;
+  the test is skipped without it).
 - grad_norm_spike (warning): > GRAD_SPIKE_RATIO x the median of the last GRAD_WINDOW calm grad
   norms; over under GRAD_CALM_RATIO x.
+- grad_norm_non_finite (warning): a NaN/inf grad norm while the loss stays calm (within CALM_RATIO of
+  its recent median): an fp16 overflow whose step the scaler skipped. GRAD_NAN_POINTS in a row (or
+  with a loss that is not calm) is non_finite.
+- A loss logged as exactly 0.0 with no grad norm, right after a loss above ZERO_FROM, is a hidden NaN
+  too (no real loss falls from there to 0.0000 in one log): non_finite.
+- loss_degradation (error): without a spike, the median of the last MEDIAN_WINDOW losses climbs above
+  DEGRADE_RATIO x the running minimum, by more than DEGRADE_OF_DROP of what the run had learned (start
+  - minimum) and by more than DEGRADE_SIGMAS x the point-to-point noise, for DEGRADE_POINTS points in
+  a row; over once back under CALM_RATIO x the minimum. loss_rising (warning), at the end of the run:
+  the mean of the last tenth of the losses is above RISE_RATIO x the minimum, by more than
+  RISE_OF_DROP of what was learned (and the same noise margin).
 """
 
 from __future__ import annotations
@@ -20,7 +37,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from tunewise.doctor.advice import divergence_advice
+from tunewise.doctor.advice import divergence_advice, overflow_advice
 from tunewise.doctor.curve import finite, hides_nan
 from tunewise.doctor.findings import Advice, Finding, fmt_lr, num
 
@@ -28,10 +45,16 @@ if TYPE_CHECKING:
     from tunewise.doctor.watcher import CurveWatcher
 
 SPIKE_RATIO, SPIKE_ABOVE_MIN, SPIKE_ABOVE_MEDIAN, MEDIAN_WINDOW = 2.0, 1.0, 0.5, 5
-SPIKE_SIGMAS, NOISE_WINDOW, MIN_NOISE_POINTS, ASSUMED_NOISE = 8.0, 20, 10, 0.1
+SPIKE_SIGMAS, NOISE_WINDOW, MIN_NOISE_POINTS = 8.0, 20, 10
 CALM_RATIO, CALM_ABOVE = 1.25, 0.25
 EXPLOSION_RATIO, EXPLOSION_ABOVE_MIN, EXPLOSION_POINTS = 5.0, 3.0, 10
 GRAD_SPIKE_RATIO, GRAD_CALM_RATIO, GRAD_WINDOW = 10.0, 3.0, 20
+EARLY_POINTS, EARLY_RATIO, EARLY_ABOVE = 10, 3.0, 1.0
+KNOWS_NOTHING, KNEW_SOMETHING = 1.0, 0.75  # fractions of ln(vocab size)
+ZERO_FROM = 0.01  # a logged loss above this cannot fall to exactly 0.0 at the next log
+GRAD_NAN_POINTS = 3
+DEGRADE_RATIO, DEGRADE_OF_DROP, DEGRADE_SIGMAS, DEGRADE_POINTS = 1.5, 0.5, 3.0, 5
+RISE_RATIO, RISE_OF_DROP = 1.2, 0.25
 
 
 class DivergenceRules:
@@ -42,10 +65,21 @@ class DivergenceRules:
         self.calm: list[float] = []  # finite losses outside spikes: the reference for the next spike
         self.calm_grad_norms: list[float] = []  # finite grad norms outside spikes
         self.minimum: tuple[int, float] | None = None  # (step, running minimum of the smoothed loss)
+        self.start: float | None = None  # the starting loss: the lowest of the first 3 finite losses
         self._spike_ref, self._spiked_for, self._grad_ref = 0.0, 0, 0.0
+        self._grad_nan: list[int] = []  # the current run of steps with a non-finite grad norm
+        self._degraded: list[int] = []  # the current run of points above the degradation line
+
+    @property
+    def knows_nothing(self) -> float | None:
+        """ln(vocab size): the loss of a model that predicts every token with equal odds."""
+        vocab = self.watch.vocab_size
+        return math.log(vocab) if vocab and vocab > 1 else None
 
     def record(self, step: int, loss: float) -> None:
         """Remember a finite loss: outside a spike it is calm and may lower the running minimum."""
+        if len(self.watch.losses) <= 3 and "loss_spike" not in self.watch.open_episodes:
+            self.start = loss if self.start is None else min(self.start, loss)
         if "loss_spike" not in self.watch.open_episodes:
             self.calm.append(loss)
             # The minimum of a 5-point median: the minimum of raw per-step losses sits far below the curve.
@@ -53,19 +87,31 @@ class DivergenceRules:
             if self.minimum is None or smooth < self.minimum[1]:
                 self.minimum = (step, smooth)
 
+    def hides_nan(self, loss: float, grad_norm: float | None) -> bool:
+        """A NaN that Trainer's logging filter wrote as 0.0: the grad norm shows it, or, when no grad norm
+        is logged, the loss before it was far from 0 (no real loss falls to 0.0000 in one log)."""
+        if hides_nan(loss, grad_norm):
+            return True
+        if loss != 0.0 or grad_norm is not None:
+            return False
+        if "non_finite" in self.watch.open_episodes:
+            return True
+        return bool(self.watch.losses) and self.watch.losses[-1][1] > ZERO_FROM
+
     def on_non_finite(
         self, step: int, loss: float, grad_norm: float | None, lr: float | None, tokens: int | None
     ) -> list[Finding]:
         if not self.watch.open("non_finite", step):
             return []
-        hidden = hides_nan(loss, grad_norm)
+        hidden = self.hides_nan(loss, grad_norm)
         shown = math.nan if hidden else loss
         last = self.watch.losses[-1] if self.watch.losses else None
-        what = (
-            "NaN (logged as 0.0 with grad_norm NaN: Trainer's logging_nan_inf_filter hid it)"
-            if hidden
-            else num(shown)
-        )
+        if hidden and grad_norm is None:
+            what = "NaN (logged as exactly 0.0: Trainer's logging_nan_inf_filter hides a NaN loss that way)"
+        elif hidden:
+            what = "NaN (logged as 0.0 with grad_norm NaN: Trainer's logging_nan_inf_filter hid it)"
+        else:
+            what = num(shown)
         if finite(shown):
             title = f"grad_norm is {num(grad_norm)} at step {step} (loss {num(shown)}); lr {fmt_lr(lr)}"
         elif last:
@@ -86,36 +132,74 @@ class DivergenceRules:
         }
         return [Finding(step, "error", "non_finite", title, evidence, *self.advice())]
 
-    def check_loss(self, step: int, loss: float) -> list[Finding]:
-        """loss_spike when a finite loss leaves the calm curve; loss_explosion when it stays away."""
-        if len(self.calm) < 3 or self.minimum is None:
+    def on_grad_non_finite(self, step: int, loss: float, grad_norm: float, lr: float | None) -> list[Finding]:
+        """A finite loss with a NaN/inf grad norm: an fp16 overflow (warning) while the loss stays calm and it
+        does not go on; else a divergence."""
+        self._grad_nan.append(step)
+        if "non_finite" in self.watch.open_episodes:
             return []
-        low_step, low = self.minimum
-        exploded = loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
+        if not self._calm_loss(loss) or len(self._grad_nan) >= GRAD_NAN_POINTS:
+            self.watch.close("grad_norm_non_finite", step)
+            return self.on_non_finite(step, loss, grad_norm, lr, None)
+        if not self.watch.open("grad_norm_non_finite", step):
+            return []
+        title = (
+            f"grad_norm is {num(grad_norm)} at step {step} while the loss stays at {num(loss)}: an overflow "
+            "whose update was skipped"
+        )
+        evidence = {"step": step, "grad_norm": grad_norm, "loss": loss, "lr": lr}
+        return [Finding(step, "warning", "grad_norm_non_finite", title, evidence, *overflow_advice())]
+
+    def grad_finite(self, step: int) -> None:
+        """A finite grad norm ends a run of non-finite ones."""
+        self._grad_nan = []
+        self.watch.close("grad_norm_non_finite", step)
+
+    def _calm_loss(self, loss: float) -> bool:
         if "loss_spike" in self.watch.open_episodes:
+            return False
+        if len(self.calm) < 3:
+            return True
+        ref = statistics.median(self.calm[-MEDIAN_WINDOW:])
+        return loss <= max(CALM_RATIO * ref, ref + CALM_ABOVE)
+
+    def check_loss(self, step: int, loss: float) -> list[Finding]:
+        """loss_spike when a finite loss leaves the calm curve; loss_explosion when it stays away, when it
+        leaves the first steps' level far behind, or when it reaches the loss of a model that knows
+        nothing."""
+        episodes = self.watch.open_episodes
+        erased = self._erased(loss)
+        if "loss_spike" in episodes:
+            low = self.minimum[1] if self.minimum else self._spike_ref
             if loss <= max(CALM_RATIO * self._spike_ref, self._spike_ref + CALM_ABOVE):
                 self.watch.close("loss_spike", step)
                 self.watch.close("loss_explosion", step)
                 return []
             self._spiked_for += 1
-            stuck = exploded or self._spiked_for >= EXPLOSION_POINTS
-            stuck = stuck and "loss_explosion" not in self.watch.open_episodes
-            return [self._explosion(step, loss)] if stuck else []
+            exploded = loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
+            stuck = exploded or erased or self._spiked_for >= EXPLOSION_POINTS
+            return [self._explosion(step, loss)] if stuck and "loss_explosion" not in episodes else []
+        if erased:
+            return [self._begin_explosion(step, loss, self.start, "knows_nothing")]
+        early = self.start is not None and len(self.watch.losses) < EARLY_POINTS
+        if early and loss > EARLY_RATIO * self.start and loss > self.start + EARLY_ABOVE:
+            return [self._begin_explosion(step, loss, self.start, "start")]
+        if len(self.calm) < MIN_NOISE_POINTS or self.minimum is None:
+            return []  # too few calm points to know the noise: only the first-steps test above judges
+        low_step, low = self.minimum
         ref = statistics.median(self.calm[-MEDIAN_WINDOW:])
         window = self.calm[-NOISE_WINDOW:]
         center = statistics.median(window)
         sigma = 1.4826 * statistics.median(abs(x - center) for x in window)  # robust std of the noise
-        if len(window) < MIN_NOISE_POINTS:
-            sigma = max(sigma, ASSUMED_NOISE * ref)  # too few points to trust the estimate
         spiked = (loss > SPIKE_RATIO * low and loss > low + SPIKE_ABOVE_MIN) or (
             loss > SPIKE_RATIO * ref and loss > ref + SPIKE_ABOVE_MEDIAN
         )
         if not spiked or loss <= ref + SPIKE_SIGMAS * sigma:
             return []
+        if loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN:
+            return [self._begin_explosion(step, loss, ref, "running_min")]
         self.watch.open("loss_spike", step)
         self._spike_ref, self._spiked_for = ref, 1
-        if exploded:
-            return [self._explosion(step, loss)]
         title = (
             f"loss jumped to {num(loss)} at step {step} (running minimum {num(low)} at step "
             f"{low_step}, recent median {num(ref)})"
@@ -130,24 +214,99 @@ class DivergenceRules:
         }
         return [Finding(step, "warning", "loss_spike", title, evidence, *self.advice())]
 
-    def _explosion(self, step: int, loss: float, at_end: bool = False) -> Finding:
+    def _erased(self, loss: float) -> bool:
+        """The loss reached that of a model that knows nothing, from a start well below it."""
+        ceiling = self.knows_nothing
+        if ceiling is None or self.start is None or self.start >= KNEW_SOMETHING * ceiling:
+            return False
+        return loss >= KNOWS_NOTHING * ceiling
+
+    def _begin_explosion(self, step: int, loss: float, ref: float, against: str) -> Finding:
+        self.watch.open("loss_spike", step)
+        self._spike_ref, self._spiked_for = ref, 1
+        return self._explosion(step, loss, against=against)
+
+    def _explosion(
+        self, step: int, loss: float, at_end: bool = False, against: str = "running_min"
+    ) -> Finding:
         began = self.watch.open_episodes.get("loss_spike", step)
         self.watch.open("loss_explosion", began)
         low_step, low = self.minimum or (step, loss)
+        start, ceiling = self.start, self.knows_nothing
         now = f"the run ended at {num(loss)} (step {step})" if at_end else f"now {num(loss)} at step {step}"
-        title = (
-            f"loss exploded at step {began} and did not come back: running minimum {num(low)} at step "
-            f"{low_step}; {now}"
-        )
+        if against == "knows_nothing":
+            why = (
+                f"{num(loss)} is at or above ln(vocab size) = {num(ceiling)}, the loss of a model that knows "
+                f"nothing: the fine-tune erased what the model knew (it started at {num(start)})"
+            )
+            title = f"loss exploded at step {began}: {why}"
+        elif against == "start":
+            title = (
+                f"loss exploded at step {began}: {num(loss)}, {loss / start:.0f}x the {num(start)} it "
+                "started at"
+            )
+        else:
+            title = (
+                f"loss exploded at step {began} and did not come back: running minimum {num(low)} at step "
+                f"{low_step}; {now}"
+            )
         evidence = {
             "step": step,
             "spike_step": began,
             "loss": loss,
+            "start_loss": start,
             "running_min": low,
             "running_min_step": low_step,
+            "knows_nothing_loss": ceiling,
             "lr": self.watch.peak_lr,
         }
         return Finding(step, "error", "loss_explosion", title, evidence, *self.advice())
+
+    def check_degradation(self, step: int) -> list[Finding]:
+        """loss_degradation: the smoothed loss climbed far above its minimum and stays there (no spike)."""
+        episodes = self.watch.open_episodes
+        losses = self.watch.losses
+        if self.minimum is None or len(losses) < 2 * MEDIAN_WINDOW or "loss_spike" in episodes:
+            return []
+        low_step, low = self.minimum
+        level = statistics.median(x for _, x in losses[-MEDIAN_WINDOW:])
+        if "loss_degradation" in episodes:
+            if level <= CALM_RATIO * low:
+                self.watch.close("loss_degradation", step)
+            return []
+        rise = level - low
+        learned = max(0.0, (self.start or low) - low)
+        margin = max(DEGRADE_OF_DROP * learned, DEGRADE_SIGMAS * self.noise())
+        if level > DEGRADE_RATIO * low and rise > margin:
+            self._degraded.append(step)
+        else:
+            self._degraded = []
+        if len(self._degraded) < DEGRADE_POINTS:
+            return []
+        began = self._degraded[0]
+        self.watch.open("loss_degradation", low_step)
+        title = (
+            f"loss climbed from its minimum {num(low)} at step {low_step} to {num(level)} at step {step} "
+            f"({level / low:.1f}x) and has not come back: no NaN, no single spike, a divergence all the same"
+        )
+        evidence = {
+            "step": step,
+            "min_loss": low,
+            "min_step": low_step,
+            "loss": level,
+            "ratio": level / low,
+            "above_since": began,
+            "lr": self.watch.peak_lr,
+        }
+        return [Finding(step, "error", "loss_degradation", title, evidence, *self.advice())]
+
+    def noise(self) -> float:
+        """The point-to-point noise of the recent calm losses (robust: a trend does not inflate it)."""
+        window = self.calm[-NOISE_WINDOW:]
+        if len(window) < 3:
+            return 0.0
+        diffs = [abs(b - a) for a, b in zip(window, window[1:], strict=False)]
+        return 1.4826 * statistics.median(diffs) / math.sqrt(2)
 
     def check_grad_norm(self, step: int, grad_norm: float | None) -> list[Finding]:
         if grad_norm is None:
@@ -178,11 +337,36 @@ class DivergenceRules:
         return [Finding(step, "warning", "grad_norm_spike", title, evidence, *self.advice())]
 
     def finish(self) -> list[Finding]:
-        """A spike still open when the run ends is an explosion."""
+        """A spike still open when the run ends is an explosion; a loss that ends well above its minimum
+        is rising."""
         episodes = self.watch.open_episodes
         if "loss_spike" in episodes and "loss_explosion" not in episodes:
             return [self._explosion(self.watch.last_step, self.watch.losses[-1][1], at_end=True)]
-        return []
+        if {"loss_spike", "loss_degradation", "non_finite"} & episodes.keys() or self.minimum is None:
+            return []
+        values = [x for _, x in self.watch.losses]
+        if len(values) < 2 * MEDIAN_WINDOW:
+            return []
+        low_step, low = self.minimum
+        end = statistics.fmean(values[-max(MEDIAN_WINDOW, len(values) // 10) :])
+        rise = end - low
+        learned = max(0.0, (self.start or low) - low)
+        if not (end > RISE_RATIO * low and rise > max(RISE_OF_DROP * learned, DEGRADE_SIGMAS * self.noise())):
+            return []
+        step = self.watch.last_step
+        title = (
+            f"loss ended at {num(end)}, {end / low:.2f}x its minimum {num(low)} at step {low_step}: it "
+            "climbed back and did not fall again"
+        )
+        evidence = {
+            "step": step,
+            "min_loss": low,
+            "min_step": low_step,
+            "loss": end,
+            "ratio": end / low,
+            "lr": self.watch.peak_lr,
+        }
+        return [Finding(step, "warning", "loss_rising", title, evidence, *self.advice())]
 
     def trouble_began(self, step: int) -> int:
         """The step where the climb that ended at `step` (a divergence) began: the first of the losses right

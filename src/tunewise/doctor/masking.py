@@ -4,19 +4,23 @@
   is no signal, not a divergence: warning at the first such step, error at NO_SIGNAL_POINTS in a row
   (or when no step of the run trained a token). Only logs that count trained tokens (metrics.jsonl)
   show it; the live monitor stops the run at the error.
+- nothing_trained: the loss is logged as exactly 0.0 with a grad norm of exactly 0.0 (or with no grad
+  norm from the first log on: no step ever had a loss): nothing is trained. Warning at the first such
+  point, error at ZERO_POINTS in a row (or when the run has no other loss).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tunewise.doctor.advice import masking_advice
-from tunewise.doctor.findings import Finding, Severity
+from tunewise.doctor.advice import masking_advice, nothing_trained_advice
+from tunewise.doctor.findings import Finding, Severity, num
 
 if TYPE_CHECKING:
     from tunewise.doctor.watcher import CurveWatcher
 
 NO_SIGNAL_POINTS = 10  # steps in a row with no trained token before "nothing to learn" is an error
+ZERO_POINTS = 3  # logs in a row of loss 0.0 with grad_norm 0.0 before "nothing trained" is an error
 
 
 class MaskingRules:
@@ -25,6 +29,7 @@ class MaskingRules:
     def __init__(self, watch: CurveWatcher):
         self.watch = watch
         self.untrained: list[int] = []  # the current run of steps that trained no token
+        self.zeros: list[tuple[int, float | None]] = []  # the current run of (step, grad norm) at loss 0.0
 
     def trained(self, step: int) -> None:
         """A step that trained tokens (or does not say) ends a run of untrained steps."""
@@ -40,11 +45,54 @@ class MaskingRules:
             return [self._finding("error")]
         return []
 
-    def finish(self) -> list[Finding]:
-        """A run in which no step trained a token is an error, however short."""
-        if self.untrained and not self.watch.losses and not self.watch.fired("no_trainable_tokens", "error"):
-            return [self._finding("error")]
+    def loss_seen(self, step: int) -> None:
+        """A real (non-zero) loss ends a run of zero-loss logs."""
+        self.zeros = []
+        self.watch.close("nothing_trained", step)
+
+    def on_zero_loss(self, step: int, grad_norm: float | None) -> list[Finding]:
+        """Loss exactly 0.0 with nothing behind it: warn when such logs begin, an error when they go on."""
+        self.zeros.append((step, grad_norm))
+        if self.watch.open("nothing_trained", step):
+            return [self._zero_finding("warning")]
+        if len(self.zeros) == ZERO_POINTS and not self.watch.fired("nothing_trained", "error"):
+            return [self._zero_finding("error")]
         return []
+
+    def finish(self) -> list[Finding]:
+        """A run in which no step trained a token (or had a loss) is an error, however short."""
+        w = self.watch
+        if self.untrained and not w.losses and not w.fired("no_trainable_tokens", "error"):
+            return [self._finding("error")]
+        if self.zeros and not w.losses and not w.fired("nothing_trained", "error"):
+            return [self._zero_finding("error")]
+        return []
+
+    def _zero_finding(self, severity: Severity) -> Finding:
+        (first, _), (last, grad) = self.zeros[0], self.zeros[-1]
+        n = len(self.zeros)
+        grads = "grad_norm 0.0" if grad is not None else "no grad_norm logged"
+        before = self.watch.losses[-1] if self.watch.losses else None
+        since = f"after {num(before[1])} at step {before[0]}" if before else "from the first log"
+        if severity == "warning":
+            title = f"loss is exactly 0.0 with {grads} at step {first} ({since}): nothing is being trained"
+        else:
+            title = (
+                f"loss is exactly 0.0 with {grads} at {n} logs in a row (steps {first}-{last}, {since}): "
+                "no gradient reaches the weights, nothing is trained"
+            )
+        evidence = {
+            "step": last,
+            "loss": 0.0,
+            "grad_norm": grad,
+            "zero_loss_points": n,
+            "first_step": first,
+            "last_real_loss": before[1] if before else None,
+            "lr": self.watch.peak_lr,
+        }
+        return Finding(
+            last, severity, "nothing_trained", title, evidence, *nothing_trained_advice(self.watch.peak_lr)
+        )
 
     def _finding(self, severity: Severity) -> Finding:
         first, last, n = self.untrained[0], self.untrained[-1], len(self.untrained)

@@ -1,11 +1,22 @@
 """Overfitting rules: eval rising, a growing train-eval gap, memorization, epoch-boundary drops.
 
-- overfitting: eval loss rose at 2 evals in a row (> EVAL_RISE, 1%, in all) while train loss fell.
+- overfitting: eval loss rose at 2 evals in a row, to > EVAL_RISE (3%) above its best (a plateau within
+  a few % of the best is not overfitting), while train loss fell. Or a sustained rise: the last
+  SUSTAINED_EVALS evals after the best all above it by > EVAL_SUSTAINED (1%), with train down by
+  TRAIN_FELL since the best. Post hoc (diagnose.py) it counts only while one of the two still holds at
+  the end of the run.
+- eval_degradation (error): eval loss at >= EVAL_DEGRADE x its best while train loss did not fall by
+  TRAIN_FELL (5%) since that best eval: the run is getting worse at everything, a divergence (with
+  train falling it is overfitting). Over once eval is back under that line.
+- eval_rising (warning), at the end of a run with at least 3 evals: the last eval is >= EVAL_RISING x
+  the best, with train not falling by TRAIN_FELL since then: milder than eval_degradation (unstable).
+- eval_non_finite (warning): a NaN/inf eval loss while training is finite.
 - generalization_gap: eval minus the mean of the last 10 train losses > GAP_LIMIT (healthy is about
   0.1-0.3) plus 2 standard errors of that mean, and growing.
 - memorization: train < MEMORIZED_TRAIN with eval > MEMORIZED_EVAL.
 - epoch_drop: train loss falls at an epoch boundary by > EPOCH_DROP of it (and > EPOCH_DROP_MIN),
   > 3x its fall just before, and > 3 standard errors of its noise.
+- generalization_gap and epoch_drop are signs, not proof: warnings that count toward no verdict.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tunewise.doctor.advice import overfit_advice
+from tunewise.doctor.advice import divergence_advice, eval_non_finite_advice, overfit_advice
 from tunewise.doctor.curve import finite
 from tunewise.doctor.findings import Advice, Finding, num
 
@@ -22,7 +33,9 @@ if TYPE_CHECKING:
     from tunewise.doctor.watcher import CurveWatcher
 
 GAP_LIMIT, MEMORIZED_TRAIN, MEMORIZED_EVAL = 0.3, 0.1, 1.0
-EPOCH_DROP, EPOCH_DROP_MIN, EVAL_RISE = 0.10, 0.05, 0.01
+EPOCH_DROP, EPOCH_DROP_MIN, EVAL_RISE = 0.10, 0.05, 0.03
+EVAL_DEGRADE, EVAL_RISING, TRAIN_FELL = 1.5, 1.2, 0.05
+EVAL_SUSTAINED, SUSTAINED_EVALS = 0.01, 3
 
 
 class _Eval(NamedTuple):
@@ -55,11 +68,118 @@ class OverfittingRules:
         if index is not None:
             self.by_epoch.setdefault(index, []).append(loss)
 
-    def observe_eval(self, step: int, eval_loss: float, epoch: float | None) -> list[Finding]:
+    def observe_eval(self, step: int, eval_loss: float | None, epoch: float | None) -> list[Finding]:
+        if not finite(eval_loss):
+            return self._non_finite(step, eval_loss)
+        self.watch.close("eval_non_finite", step)
         self.evals.append(_Eval(step, eval_loss, *self._recent_train(), epoch))
         if eval_loss <= min(e.loss for e in self.evals):
             self.watch.close("overfitting", step)
-        return self._check_eval_rising(step) + self._check_gap(step) + self._check_memorized(step)
+        new = self._check_eval_rising(step) + self._check_sustained(step) + self._check_gap(step)
+        return new + self._check_memorized(step) + self._check_degradation(step)
+
+    def eval_fell(self, fraction: float) -> bool:
+        """The last eval is more than `fraction` below the first one."""
+        return len(self.evals) >= 2 and self.evals[-1].loss < (1 - fraction) * self.evals[0].loss
+
+    def still_above_best(self) -> bool:
+        """At the end: the last eval is still more than EVAL_RISE above the best, or the rise is sustained."""
+        if not self.evals:
+            return False
+        return self.evals[-1].loss > (1 + EVAL_RISE) * min(e.loss for e in self.evals) or self._sustained()
+
+    def _sustained(self) -> bool:
+        """The last SUSTAINED_EVALS evals, all after the best, are above it by EVAL_SUSTAINED; train fell."""
+        at = min(range(len(self.evals)), key=lambda i: self.evals[i].loss)
+        best, last = self.evals[at], self.evals[-SUSTAINED_EVALS:]
+        if len(self.evals) - 1 - at < SUSTAINED_EVALS:
+            return False
+        above = all(e.loss > (1 + EVAL_SUSTAINED) * best.loss for e in last)
+        return above and self._train_fell(best, self.evals[-1])
+
+    def _check_sustained(self, step: int) -> list[Finding]:
+        if not self._sustained() or not self.watch.open("overfitting", step):
+            return []
+        best = self._best_eval()
+        last = self.evals[-SUSTAINED_EVALS:]
+        title = (
+            f"eval loss stayed above its best {num(best['best_eval_loss'])} (step {best['best_eval_step']}) "
+            "for "
+            f"the last {len(last)} evals ({', '.join(num(e.loss) for e in last)} at step {step}) while train "
+            f"loss fell to {num(last[-1].train)}"
+        )
+        evidence = {"step": step, "eval_loss": last[-1].loss, "train_loss": last[-1].train, **best}
+        return [Finding(step, "warning", "overfitting", title, evidence, *self.advice())]
+
+    def _non_finite(self, step: int, eval_loss: float | None) -> list[Finding]:
+        if not self.watch.open("eval_non_finite", step):
+            return []
+        last = self.watch.losses[-1] if self.watch.losses else None
+        title = (
+            f"eval loss is {num(eval_loss)} at step {step} while the train loss is finite"
+            + (f" ({num(last[1])} at step {last[0]})" if last else "")
+            + ": the evaluation says nothing about overfitting"
+        )
+        evidence = {"step": step, "eval_loss": eval_loss, "train_loss": last[1] if last else None}
+        return [Finding(step, "warning", "eval_non_finite", title, evidence, *eval_non_finite_advice())]
+
+    def finish(self) -> list[Finding]:
+        """eval_rising: the run ended worse on held-out data than at its best, not learning the train set."""
+        if len(self.evals) < 3 or "eval_degradation" in self.watch.open_episodes:
+            return []
+        best = min(self.evals, key=lambda e: e.loss)
+        now = self.evals[-1]
+        if best.loss <= 0 or now.loss < EVAL_RISING * best.loss or self._train_fell(best, now):
+            return []
+        title = (
+            f"eval loss ended at {num(now.loss)} (step {now.step}), {now.loss / best.loss:.2f}x its best "
+            f"{num(best.loss)} at step {best.step}, and train loss did not fall meanwhile"
+        )
+        evidence = {
+            "step": now.step,
+            "eval_loss": now.loss,
+            "train_loss": now.train,
+            "train_loss_at_best": best.train,
+            "ratio": now.loss / best.loss,
+            **self._best_eval(),
+        }
+        return [Finding(now.step, "warning", "eval_rising", title, evidence, *self._divergence_advice())]
+
+    @staticmethod
+    def _train_fell(best: _Eval, now: _Eval) -> bool:
+        return best.train is not None and now.train is not None and now.train < (1 - TRAIN_FELL) * best.train
+
+    def _divergence_advice(self) -> Advice:
+        w = self.watch
+        return divergence_advice(
+            w.method, w.learning_rate or w.peak_lr, w.max_grad_norm, w.warmup_steps, w.total_steps
+        )
+
+    def _check_degradation(self, step: int) -> list[Finding]:
+        """Eval far above its best while train did not fall since then: worse at everything."""
+        best = min(self.evals, key=lambda e: e.loss)
+        now = self.evals[-1]
+        if "eval_degradation" in self.watch.open_episodes:
+            if now.loss < EVAL_DEGRADE * best.loss:
+                self.watch.close("eval_degradation", step)
+            return []
+        if now.loss < EVAL_DEGRADE * best.loss or self._train_fell(best, now) or best.loss <= 0:
+            return []
+        self.watch.open("eval_degradation", best.step)
+        title = (
+            f"eval loss rose to {num(now.loss)} at step {step}, {now.loss / best.loss:.1f}x its best "
+            f"{num(best.loss)} at step {best.step}, and train loss did not fall meanwhile "
+            f"({num(best.train)} -> {num(now.train)}): the run degraded"
+        )
+        evidence = {
+            "step": step,
+            "eval_loss": now.loss,
+            "train_loss": now.train,
+            "train_loss_at_best": best.train,
+            "ratio": now.loss / best.loss,
+            **self._best_eval(),
+        }
+        return [Finding(step, "error", "eval_degradation", title, evidence, *self._divergence_advice())]
 
     def _recent_train(self) -> tuple[float | None, float]:
         """Mean of the last 10 train losses since the previous eval, and its standard error."""
@@ -110,7 +230,8 @@ class OverfittingRules:
             return []
         (a, train_a), (b, _), (c, train_c) = [(e.loss, e.train) for e in self.evals[-3:]]
         train_falls = train_a is None or train_c is None or train_c < train_a
-        rising = a < b < c and c - a > EVAL_RISE * a and train_falls
+        best = min(e.loss for e in self.evals)
+        rising = a < b < c and c > (1 + EVAL_RISE) * best and train_falls
         if not rising or not self.watch.open("overfitting", step):
             return []
         best = self._best_eval()

@@ -4,9 +4,14 @@
   the mean of the last 3 points is not below the mean of the first 3 by more than MIN_FALL of it,
   nor by more than the noise (std of the points around their straight-line fit). Skipped when that
   noise would hide a NOISY (5%) fall.
-- flat: the mean of the last tenth of the points (at least 5) is above 1 - FLAT_BAND (95%) of the
-  mean of the first tenth (at least 3), at point FLAT_AT (warning), at point FLAT_ERROR_AT and at the
-  end of the run (error). The verdict `flat` (diagnose.py) is this end-of-run test.
+- flat: the loss did not get rid of FLAT_BAND (10%) of where it started: the start is the first point
+  (or the median of the first 3 when higher), the end the median of the last twentieth (at least 3
+  points). Judged at point FLAT_AT (warning), at point FLAT_ERROR_AT and at the end of a run of at
+  least FLAT_MIN_POINTS points (error), not when the eval loss fell by FLAT_BAND meanwhile. The
+  verdict `flat` (diagnose.py) is this end-of-run test.
+- oscillation (warning), at the flat checkpoints and at the end, instead of flat: a loss with no
+  trend (as flat) that swings: over the last two thirds of the points the 10th-90th percentile range
+  is > OSC_SPREAD of their median.
 """
 
 from __future__ import annotations
@@ -15,28 +20,47 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from tunewise.doctor.advice import flat_advice
+from tunewise.doctor.advice import flat_advice, oscillation_advice
 from tunewise.doctor.findings import Finding, Severity, fmt_lr, num
 
 if TYPE_CHECKING:
     from tunewise.doctor.watcher import CurveWatcher
 
-NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY, MIN_FALL = 10, 50, 100, 0.05, 0.05, 0.01
+NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY, MIN_FALL = 10, 50, 100, 0.10, 0.05, 0.01
+FLAT_MIN_POINTS, OSC_SPREAD = 5, 0.5
 
 
 def _ends(values: list[float], early: bool) -> tuple[float, float]:
-    """Mean loss at the start and now: 3 points each early on, later a tenth of the run (at least 3
-    and 5 points) so that per-step noise averages out."""
+    """Loss at the start and now. Early on, the means of the first and last 3 points; later the first
+    point (or the median of the first 3, when higher: one lucky batch is no start) and the median of the
+    last twentieth (at least 3 points)."""
     if early:
         return statistics.fmean(values[:3]), statistics.fmean(values[-3:])
-    n = len(values)
-    return statistics.fmean(values[: max(3, n // 10)]), statistics.fmean(values[-max(5, n // 10) :])
+    start = max(values[0], statistics.median(values[:3]))
+    return start, statistics.median(values[-max(3, len(values) // 20) :])
 
 
 def _noise(values: list[float]) -> float:
     """Standard deviation of the points around their straight-line fit: the batch-to-batch noise."""
     slope, intercept = statistics.linear_regression(range(len(values)), values)
     return statistics.stdev(v - (intercept + slope * i) for i, v in enumerate(values))
+
+
+def _spread(values: list[float]) -> float:
+    """The 10th-90th percentile range, as a fraction of the median."""
+    level = statistics.median(values)
+    if level <= 0 or len(values) < 2:
+        return 0.0
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return (deciles[-1] - deciles[0]) / level
+
+
+def _oscillating(values: list[float]) -> bool:
+    """Swinging widely without a trend."""
+    if len(values) < FLAT_MIN_POINTS:
+        return False
+    start, now = _ends(values, early=False)
+    return now > (1 - FLAT_BAND) * start and _spread(values[len(values) // 3 :]) > OSC_SPREAD
 
 
 class ProgressRules:
@@ -50,13 +74,15 @@ class ProgressRules:
 
     @property
     def flat_at_end(self) -> bool:
-        return self.end_change is not None and self.end_change > -FLAT_BAND
+        oscillating = "oscillation" in self.watch.open_episodes
+        return self.end_change is not None and self.end_change > -FLAT_BAND and not oscillating
 
     def check(self, step: int) -> list[Finding]:
         """not_falling at the early checkpoint, flat at FLAT_AT and FLAT_ERROR_AT points."""
         n = len(self.watch.losses)
-        if n not in (self.not_falling_at, FLAT_AT, FLAT_ERROR_AT) or "loss_spike" in self.watch.open_episodes:
-            return []  # (a spike is reported already; its losses say nothing about learning speed)
+        diverging = {"loss_spike", "loss_degradation"} & self.watch.open_episodes.keys()
+        if n not in (self.not_falling_at, FLAT_AT, FLAT_ERROR_AT) or diverging:
+            return []  # (a spike or a climb is reported already; it says nothing about learning speed)
         values = [loss for _, loss in self.watch.losses]
         if n == self.not_falling_at:
             start, now = _ends(values, early=True)
@@ -65,6 +91,10 @@ class ProgressRules:
                 return []  # too noisy to see a fall this early: the flat check decides later
             fell = start - now > min(MIN_FALL * abs(start), noise)
             return [] if fell else [self._finding("not_falling", "warning", step)]
+        if "oscillation" in self.watch.open_episodes:
+            return []
+        if _oscillating(values):
+            return [self._oscillation(step)]
         start, now = _ends(values, early=False)
         if now > start * (1 - FLAT_BAND):
             return [self._finding("flat", "warning" if n == FLAT_AT else "error", step)]
@@ -75,13 +105,47 @@ class ProgressRules:
         losses = self.watch.losses
         values = [loss for _, loss in losses]
         # (after a divergence the curve says nothing about learning speed)
-        if len(values) < NOT_FALLING_AT or {"loss_spike", "non_finite"} & self.watch.open_episodes.keys():
+        stopped = {"loss_spike", "non_finite", "loss_degradation"} & self.watch.open_episodes.keys()
+        if len(values) < FLAT_MIN_POINTS or stopped:
             return []
         start, now = _ends(values, early=False)
         self.end_change = (now - start) / abs(start) if start else None
+        if self.watch.overfitting.eval_fell(FLAT_BAND):
+            self.end_change = None  # the held-out loss fell: the run learned, whatever the train loss did
+        if "oscillation" not in self.watch.open_episodes and _oscillating(values):
+            return [self._oscillation(losses[-1][0])]
         if self.flat_at_end and not self.watch.fired("flat", "error"):
             return [self._finding("flat", "error", losses[-1][0], at_end=True)]
         return []
+
+    def _oscillation(self, step: int) -> Finding:
+        values = [loss for _, loss in self.watch.losses]
+        tail = values[len(values) // 3 :]
+        level, spread = statistics.median(tail), _spread(tail)
+        self.watch.open("oscillation", step)
+        title = (
+            f"loss swings without a trend: between {num(min(tail))} and {num(max(tail))} "
+            f"(median {num(level)}, a 10-90% range of {spread:.0%} of it) after {len(values)} "
+            "logged steps"
+        )
+        evidence = {
+            "step": step,
+            "median_loss": level,
+            "low": min(tail),
+            "high": max(tail),
+            "spread": spread,
+            "points": len(values),
+            "lr": self.watch.learning_rate or self.watch.peak_lr,
+        }
+        w = self.watch
+        return Finding(
+            step,
+            "warning",
+            "oscillation",
+            title,
+            evidence,
+            *oscillation_advice(w.method, w.learning_rate or w.peak_lr, w.max_grad_norm),
+        )
 
     def _finding(self, code: str, severity: Severity, step: int, at_end: bool = False) -> Finding:
         w = self.watch

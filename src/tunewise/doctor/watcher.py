@@ -5,10 +5,11 @@ replays a logged run through it. The rules live by family, each in its own modul
 thresholds ("point" = one logged train entry: each optimizer step live, each `logging_steps` in a
 Trainer log):
 
-- divergence.py: non-finite values, loss spikes and explosions, gradient-norm spikes;
-- progress.py: a loss that is not falling early on, or flat;
-- masking.py: batches that train no token;
-- overfitting.py: eval rising, a growing train-eval gap, memorization, epoch-boundary drops.
+- divergence.py: non-finite values, loss spikes and explosions, degradation, gradient-norm spikes;
+- progress.py: a loss that is not falling early on, flat, or swinging without a trend;
+- masking.py: batches that train no token, a loss of 0.0 with no gradient;
+- overfitting.py: eval rising, a growing train-eval gap, memorization, epoch-boundary drops, eval
+  degradation and NaN evals.
 
 The watcher holds what they share: the run's facts, the finite losses seen, the findings so far and
 the open episodes. One finding per code per episode: an episode (non-finite values, a spike, eval
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from tunewise.doctor.curve import finite, hides_nan
+from tunewise.doctor.curve import finite
 from tunewise.doctor.divergence import DivergenceRules
 from tunewise.doctor.findings import Finding, Severity
 from tunewise.doctor.masking import MaskingRules
@@ -28,7 +29,15 @@ from tunewise.doctor.progress import ProgressRules
 
 logger = logging.getLogger(__name__)
 
-WATCHER_KEYS = ("method", "learning_rate", "max_grad_norm", "warmup_steps", "total_steps", "steps_per_epoch")
+WATCHER_KEYS = (
+    "method",
+    "learning_rate",
+    "max_grad_norm",
+    "warmup_steps",
+    "total_steps",
+    "steps_per_epoch",
+    "vocab_size",
+)
 
 
 class CurveWatcher:
@@ -42,10 +51,12 @@ class CurveWatcher:
         warmup_steps: int | None = None,
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,
+        vocab_size: int | None = None,
     ):
         self.method = method.lower() if method else None
         self.learning_rate, self.max_grad_norm, self.warmup_steps = learning_rate, max_grad_norm, warmup_steps
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.vocab_size = vocab_size  # ln(vocab_size) is the loss of a model that knows nothing
         self.findings: list[Finding] = []
         self.open_episodes: dict[str, int] = {}  # code -> step it began
         self.recovered: list[tuple[str, int, int]] = []  # (code, began, ended)
@@ -72,34 +83,67 @@ class CurveWatcher:
         if finite(lr):
             self.peak_lr = max(self.peak_lr or 0.0, lr)
         self.zero_tokens |= trainable_tokens == 0
-        bad = hides_nan(loss, grad_norm) or not finite(loss) or not (grad_norm is None or finite(grad_norm))
+        hidden = self.divergence.hides_nan(loss, grad_norm)
+        loss_bad = hidden or not finite(loss)
+        grad_bad = grad_norm is not None and not finite(grad_norm)
+        # 0.0 with no gradient, or with no grad norm and never a real loss: nothing trained, not a fall
+        untrained_zero = loss == 0.0 and (grad_norm == 0.0 or (grad_norm is None and not self.losses))
         if trainable_tokens != 0:
             self.masking.trained(step)
-        if bad and trainable_tokens == 0:
+        if trainable_tokens == 0 and (loss_bad or grad_bad or loss == 0.0):
             new = self.masking.on_untrained(step)  # 0/0: nothing to learn, not a divergence
-        elif bad:
+        elif loss_bad:
             new = self.divergence.on_non_finite(step, loss, grad_norm, lr, trainable_tokens)
+        elif untrained_zero and not grad_bad:
+            new = self.masking.on_zero_loss(step, grad_norm)
         else:
-            self.close("non_finite", step)
-            new = self.divergence.check_loss(step, loss) + self.divergence.check_grad_norm(step, grad_norm)
-            self.losses.append((step, loss))
-            self.divergence.record(step, loss)
-            self.overfitting.record(step, loss, epoch)
-            new += self.progress.check(step) + self.overfitting.check_epoch_drop(step)
+            new = self._observe_finite(step, loss, grad_norm, lr, epoch, grad_bad)
         self.findings += new
         return new
 
+    def _observe_finite(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None,
+        lr: float | None,
+        epoch: float | None,
+        grad_bad: bool,
+    ) -> list[Finding]:
+        """A finite loss (its grad norm may be an overflow): every rule that reads the curve."""
+        self.masking.loss_seen(step)
+        if grad_bad:
+            new = self.divergence.on_grad_non_finite(step, loss, grad_norm, lr)
+        else:
+            new = []
+            self.divergence.grad_finite(step)
+            self.close("non_finite", step)
+        if "non_finite" in self.open_episodes:
+            return new
+        new += self.divergence.check_loss(step, loss)
+        new += [] if grad_bad else self.divergence.check_grad_norm(step, grad_norm)
+        self.losses.append((step, loss))
+        self.divergence.record(step, loss)
+        self.overfitting.record(step, loss, epoch)
+        new += self.progress.check(step) + self.divergence.check_degradation(step)
+        return new + self.overfitting.check_epoch_drop(step)
+
     def observe_eval(self, step: int, eval_loss: float | None, epoch: float | None) -> list[Finding]:
         """Check one evaluation; returns the findings it raised."""
-        if not finite(eval_loss):
-            return []  # a non-finite eval follows a non-finite train loss, which is reported already
+        if not finite(eval_loss) and "non_finite" in self.open_episodes:
+            return []  # it follows a non-finite train loss, which is reported already
         new = self.overfitting.observe_eval(step, eval_loss, epoch)
         self.findings += new
         return new
 
     def finish(self) -> list[Finding]:
         """End-of-run checks: a spike that never came back, nothing trained, a loss that stayed flat."""
-        new = self.divergence.finish() + self.masking.finish() + self.progress.finish()
+        new = (
+            self.divergence.finish()
+            + self.masking.finish()
+            + self.progress.finish()
+            + self.overfitting.finish()
+        )
         self.findings += new
         return new
 
@@ -114,8 +158,9 @@ class CurveWatcher:
 
     @property
     def nothing_trained(self) -> bool:
-        """No token trained for many steps in a row (or at all), and no falling loss after."""
-        return self.fired("no_trainable_tokens", "error") and (self.end_change is None or self.flat_at_end)
+        """No token (or no weight) trained for many steps in a row (or at all), and no falling loss after."""
+        untrained = self.fired("no_trainable_tokens", "error") or self.fired("nothing_trained", "error")
+        return untrained and (self.end_change is None or self.flat_at_end)
 
     def trouble_began(self, step: int) -> int:
         """The step where the climb that ended in a divergence at `step` began (see divergence.py)."""
