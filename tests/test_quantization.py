@@ -81,6 +81,12 @@ def test_check_fails_with_the_fix_before_loading_weights(avx512bf16, narrow_mode
     assert loaded == []
 
 
+def test_plan_prints_the_problem_in_one_line(avx512bf16, narrow_model, tmp_path, capsys):
+    assert main(["plan", f"model.name={narrow_model}", "model.method=qlora", f"output_dir={tmp_path}"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "4-bit layers:" in line]
+    assert len(lines) == 1 and "model.method=lora" in lines[0]
+
+
 def test_train_stops_in_one_line_not_inside_bitsandbytes(avx512bf16, narrow_model, tmp_path, capsys):
     with pytest.raises(ModelError, match="cannot be quantized to 4-bit.*model.method=lora"):
         load_base_model(

@@ -129,6 +129,9 @@ class Printer:
                 f"{mem['activations_without_checkpointing'] / GIB:.2f} without); "
                 f"{mem['trainable_parameters']:,} trainable of {mem['total_parameters']:,} parameters"
             )
+        quantization = plan.get("quantization")
+        if quantization and quantization.get("problem"):
+            say(f"  4-bit layers: {quantization['problem']}", style="bold red")
 
     def check(self, report: CheckReport, brief: bool = False) -> None:
         """The checklist, one line per item (brief: only what is not PASS), and the counts."""
