@@ -1,15 +1,25 @@
-"""Memorization check: a tiny model drilled on 4 examples is flagged; a barely trained one is not."""
+"""Memorization check: a tiny model drilled on 4 examples is flagged; a barely trained one is not; any chat
+set works, with the user's own rewordings or tunewise's perturbation (and the result says which)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from conftest import tiny_overrides, write_subset
+from test_eval import write_chat_set
 
 from tunewise.cli import main
 from tunewise.config import load_config
-from tunewise.evaluate import check_memorization, edit_similarity, judge_memorization, rephrase
+from tunewise.errors import DataError
+from tunewise.memorization import (
+    PERTURBATION,
+    check_memorization,
+    edit_similarity,
+    judge_memorization,
+    rephrase,
+)
 from tunewise.training.run import train
 
 
@@ -44,8 +54,16 @@ def test_judge_needs_train_far_above_both_others():
     assert "100%" in message and "0%" in message and "25%" in message
 
 
-def _run(tiny_model_dir: Path, tmp_path: Path, name: str, steps: int, lr: float, method: str) -> Path:
-    data = write_subset(tmp_path / "data", n_train=4, n_val=4, n_test=4)
+def _run(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    name: str,
+    steps: int,
+    lr: float,
+    method: str,
+    data: dict[str, Path] | None = None,
+) -> Path:
+    data = data or write_subset(tmp_path / "data", n_train=4, n_val=4, n_test=4)
     extra = {
         "name": name,
         "model.method": method,
@@ -82,3 +100,46 @@ def test_a_barely_trained_run_is_not_flagged(tiny_model_dir, tmp_path, capsys):
     assert "no sign of memorization" in capsys.readouterr().out
     saved = json.loads((run_dir / "memorization.json").read_text())
     assert not saved["flagged"] and saved["sets"]["train"]["n"] == 4
+
+
+def test_a_chat_set_with_the_users_rewordings(tiny_model_dir, tmp_path, capsys):
+    data = write_chat_set(tmp_path / "chat")
+    run_dir = _run(tiny_model_dir, tmp_path, "chat", steps=60, lr=1e-2, method="full", data=data)
+    reworded = tmp_path / "reworded.jsonl"
+    rows = [json.loads(line) for line in data["train"].read_text().splitlines()[:3]]
+    for row in rows:
+        thing = row["messages"][0]["content"].split()[-1].rstrip("?")
+        row["messages"][0]["content"] = f"Tell me the colour of a {thing}."
+    reworded.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(run_dir), "--memorization", "--limit", "3", f"eval.rephrased={reworded}"]) in (
+        0,
+        1,
+    )
+    printed = capsys.readouterr().out
+    assert f"your rewordings in {reworded}" in printed
+    saved = json.loads((run_dir / "memorization.json").read_text())
+    assert saved["rephrased_by"] == "user" and saved["sets"]["rephrased"]["n"] == 3
+    assert [e["rephrased"] for e in saved["examples"]] == [r["messages"][0]["content"] for r in rows]
+    assert [e["reference"] for e in saved["examples"]] == [r["messages"][1]["content"] for r in rows]
+    assert saved["sets"]["train"]["loss"] < saved["sets"]["heldout"]["loss"]  # trained answers are easier
+
+    result = check_memorization(load_config(run_dir / "config.yaml"), run_dir, n=2)
+    assert result["rephrased_by"] == "tunewise" and result["rephrasing"] == PERTURBATION
+    assert result["examples"][0]["rephrased"] == rephrase(result["examples"][0]["prompt"])
+
+
+def test_rewordings_that_do_not_keep_a_training_answer_are_one_error(tiny_model_dir, tmp_path):
+    data = write_chat_set(tmp_path / "chat")
+    bad = tmp_path / "bad.jsonl"
+    first = json.loads(data["train"].read_text().splitlines()[0])
+    changed = {"messages": [{"role": "user", "content": "Colour of the sky?"},
+                            {"role": "assistant", "content": "Blue, I think."}]}  # fmt: skip
+    bad.write_text(json.dumps(first) + "\n" + json.dumps(changed) + "\n")
+    cfg = load_config(
+        None, tiny_overrides(tiny_model_dir, data, tmp_path / "runs", {"eval.rephrased": str(bad)})
+    )
+    with pytest.raises(DataError) as error:
+        check_memorization(cfg, tmp_path, n=2)
+    message = str(error.value)
+    assert f"{bad}:1: its prompt is the training prompt of {data['train']}:1, not reworded" in message
+    assert f"{bad}:2: its answer is not the answer of any training row" in message

@@ -1,22 +1,50 @@
-"""Evaluate: greedy generation on the test split, scored by exact match (and per-field accuracy for JSON).
+"""Evaluate: is the tuned model better? Base and tuned side by side on the test split.
 
-Used by `tunewise eval RUN_DIR|--base` and the demo, so the gain from fine-tuning is a number.
+Two measurements, both on exactly what training trains:
+  - teacher-forced loss and perplexity on the test (and validation) conversations, encoded by the
+    same pipeline as training (`data.encode_conversation`: the same template, masks, truncation), so
+    the numbers mean something for any data;
+  - greedy generation for each test prompt, scored against its reference by the metrics
+    `tunewise.metrics` chooses (or `eval.metrics`, plus the user's `eval.metric`).
+
+`compare` writes eval.json (both models' numbers) and eval.jsonl (one line per example: prompt,
+reference, both answers, their scores) into the run directory. `evaluate` measures one model (the
+demo and `eval --base`). Library code: progress goes to a callback, nothing is printed.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tunewise.config import Config
+from tunewise.errors import DataError
+from tunewise.metrics import (
+    METRICS,
+    UserMetric,
+    choose_metrics,
+    load_user_metric,
+    mean_scores,
+    primary_metric,
+    rank_changes,
+    score_examples,
+)
+from tunewise.rundir import EVAL, EVAL_EXAMPLES, write_json, write_jsonl
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from tunewise.data import EncodedExample
+
+# (what is running, done, total): e.g. ("tuned: generating", 32, 100); the CLI draws the bar.
+ProgressFn = Callable[[str, int, int], None]
+EXAMPLES_KEPT = 5  # examples copied into eval.json; all of them are in eval.jsonl
+CHANGES_LISTED = 3  # worst regressions and best gains returned (the report and the CLI list them)
+LOSS_BATCH = 8  # sequences per teacher-forced forward pass (logits are batch x length x vocabulary)
 
 
 def load_for_inference(cfg: Config, run_dir: Path | None) -> tuple[Any, Any]:
@@ -49,6 +77,9 @@ def load_for_inference(cfg: Config, run_dir: Path | None) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+# ----------------------------------------------------------------------------- generation
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -57,16 +88,26 @@ def generate(
     batch_size: int = 50,  # decoding on a CPU is bound by reading the weights: bigger batches are ~free
     sample: bool = False,
     temperature: float = 0.7,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Generate one reply per conversation (the prompt is everything before the last assistant turn)."""
+    """Generate one reply per conversation (the prompt is everything before the last assistant turn).
+
+    Prompts are batched by length (less padding), left-padded; replies come back in the input order.
+    `progress(done, total)` is called after each batch.
+    """
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [
-            tokenizer.apply_chat_template(_prompt_of(c), add_generation_prompt=True, tokenize=False)
-            for c in conversations[start : start + batch_size]
-        ]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompts = [
+        tokenizer.apply_chat_template(prompt_of(c), add_generation_prompt=True, tokenize=False)
+        for c in conversations
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        enc = tokenizer(
+            [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        enc = enc.to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc,
@@ -77,246 +118,347 @@ def generate(
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        for row in out[:, enc["input_ids"].shape[1] :]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        for i, row in zip(batch, out[:, enc["input_ids"].shape[1] :], strict=True):
+            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
     return outputs
 
 
-def _prompt_of(conversation: list[dict]) -> list[dict]:
+def prompt_of(conversation: list[dict]) -> list[dict]:
     """The conversation up to (not including) its last assistant turn."""
     last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=len(conversation))
     return conversation[:last]
 
 
 def reference_of(conversation: list[dict]) -> str:
+    """The last assistant turn's text: what a generated reply is compared with."""
     return next(m["content"] for m in reversed(conversation) if m["role"] == "assistant")
 
 
-def score(predictions: list[str], references: list[str]) -> dict[str, Any]:
-    """Exact match; for JSON answers also valid-JSON rate and per-field accuracy (the task's scorer)."""
-    from tunewise.task import score_predictions
-
-    if references and all(_is_json_object(r) for r in references):
-        return score_predictions(predictions, references)
-    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
-    return {"n": len(references), "exact_match": exact / max(len(references), 1)}
+def cap_new_tokens(tokenizer: Any, references: list[str]) -> tuple[int, str]:
+    """(max_new_tokens, why): the longest reference in tokens plus a quarter (at least 8) of room."""
+    longest = max((len(tokenizer(r, add_special_tokens=False).input_ids) for r in references), default=0)
+    cap = longest + max(8, math.ceil(longest / 4))
+    return cap, f"longest reference {longest} tokens + {cap - longest}"
 
 
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
+# ----------------------------------------------------------------------------- the sets
 
 
-def test_conversations(cfg: Config) -> list[list[dict]]:
-    """The test split's conversations: `data.test`, or the bundled test split with the bundled data."""
-    from tunewise.formats import DataError, load_conversations
-    from tunewise.task import bundled_data_dir
+@dataclass
+class EvalSet:
+    """Conversations to evaluate, with where each came from (file:line) and its reference answer."""
 
-    if cfg.data.test:
-        path = Path(cfg.data.test)
-    elif cfg.data.train is None:
-        path = bundled_data_dir() / "test.jsonl"
-    else:
-        raise DataError(
-            "there is no test split to evaluate: set `data.test` to a file of held-out conversations"
-        )
-    conversations, _, _ = load_conversations(path, cfg.data)
-    return conversations
+    name: str  # test | validation
+    conversations: list[list[dict]]
+    sources: list[str]
+
+    @property
+    def references(self) -> list[str]:
+        return [reference_of(c) for c in self.conversations]
 
 
-def evaluate(
-    cfg: Config, run_dir: Path | None, limit: int | None = None, max_new_tokens: int = 40
-) -> dict[str, Any]:
-    """Generate greedily for the test split and score it; run_dir None evaluates the base model."""
-    conversations = test_conversations(cfg)
+def _load_set(name: str, path: Path, cfg: Config, limit: int | None) -> EvalSet:
+    """A split from its file; every row must end with an assistant turn (the reference)."""
+    from tunewise.formats import load_conversations, problem_lines
+
+    conversations, sources, _ = load_conversations(path, cfg.data)
     if limit:
-        conversations = conversations[:limit]
-    started = time.time()
-    model, tokenizer = load_for_inference(cfg, run_dir)
-    predictions = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
-    references = [reference_of(c) for c in conversations]
-    result = score(predictions, references)
-    result["which"] = "tuned" if run_dir is not None else "base"
-    result["seconds"] = round(time.time() - started, 1)
-    result["examples"] = [
-        {"prompt": _prompt_of(c)[-1]["content"], "reference": r, "prediction": p}
-        for c, r, p in list(zip(conversations, references, predictions, strict=True))[:5]
+        conversations, sources = conversations[:limit], sources[:limit]
+    missing = [
+        f"{s}: no assistant turn"
+        for s, c in zip(sources, conversations, strict=True)
+        if not any(m["role"] == "assistant" for m in c)
     ]
-    return result
-
-
-# ----------------------------------------------------------------------------- memorization
-
-# Instruction words and their synonyms for `rephrase`: common imperative verbs and phrasings.
-SYNONYMS = (
-    ("Extract", "Pull out"), ("extract", "pull out"), ("Convert", "Turn"), ("convert", "turn"),
-    ("Summarize", "Sum up"), ("summarize", "sum up"), ("Write", "Compose"), ("write", "compose"),
-    ("Explain", "Describe"), ("explain", "describe"), ("Translate", "Render"), ("translate", "render"),
-    ("Give", "Provide"), ("give", "provide"), ("Classify", "Categorize"), ("classify", "categorize"),
-    ("Tell me", "Let me know"), ("as JSON", "in JSON form"),
-    ("the contact", "the contact details"),
-)  # fmt: skip
-NEAR_VERBATIM = 0.9  # normalized edit similarity at or above which a reply counts as a near-verbatim copy
-MEMORIZED_MIN = 0.5  # training-prompt reproduction below this is never called memorization
-MEMORIZED_GAP = 0.3  # ... nor when it is less than this far above the held-out and rephrased rates
-
-
-def rephrase(text: str) -> str:
-    """Lightly rephrase a prompt, deterministically; the answer it asks for stays the same.
-
-    The first line is taken as the instruction (the whole text when it is one line):
-      1. instruction synonyms: each word or phrase of `SYNONYMS` is replaced once ("Extract" ->
-         "Pull out", "as JSON" -> "in JSON form", ...);
-      2. casing: the first letter of the instruction flips case;
-      3. punctuation: a final "." of the instruction is dropped; one is added after a bare last word;
-      4. clause reordering: with several lines (instruction + input) the instruction moves after the
-         input; a one-line prompt swaps the two clauses around its first ", ".
-    """
-    for word, synonym in SYNONYMS:
-        text = re.sub(rf"\b{re.escape(word)}\b", synonym, text, count=1)
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    if not lines:
-        return text
-    first = lines[0]
-    first = (first[:1].lower() if first[:1].isupper() else first[:1].upper()) + first[1:]
-    first = first[:-1] if first.endswith(".") else first if first.endswith(("?", "!", ":")) else first + "."
-    if len(lines) >= 2:
-        return "\n".join([*lines[1:], first])
-    if ", " in first:
-        head, tail = first.split(", ", 1)
-        return f"{tail}, {head}"
-    return first
-
-
-def _rephrase_conversation(conversation: list[dict]) -> list[dict]:
-    """The conversation with its last user turn before the answer rephrased."""
-    prompt = [dict(m) for m in _prompt_of(conversation)]
-    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
-    if last_user is not None:
-        prompt[last_user]["content"] = rephrase(prompt[last_user]["content"])
-    return [*prompt, {"role": "assistant", "content": reference_of(conversation)}]
-
-
-def _normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def edit_similarity(a: str, b: str) -> float:
-    """1 - Levenshtein distance / length of the longer text, on whitespace-normalized texts (1.0 = same)."""
-    a, b = _normalize(a), _normalize(b)
-    if not a and not b:
-        return 1.0
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return 1.0 - previous[-1] / max(len(a), len(b))
-
-
-def reproduction(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """How often predictions reproduce the references: verbatim, near-verbatim, mean similarity."""
-    sims = [edit_similarity(p, r) for p, r in zip(predictions, references, strict=True)]
-    n = max(len(sims), 1)
-    return {
-        "n": len(sims),
-        "verbatim": sum(_normalize(p) == _normalize(r) for p, r in zip(predictions, references, strict=True))
-        / n,
-        "near_verbatim": sum(s >= NEAR_VERBATIM for s in sims) / n,
-        "mean_similarity": sum(sims) / n,
-    }
-
-
-def judge_memorization(sets: dict[str, dict[str, float]]) -> tuple[bool, str]:
-    """(flagged, message): memorized when training prompts are reproduced far more than the others."""
-    train, rephrased, heldout = (sets[k]["near_verbatim"] for k in ("train", "rephrased", "heldout"))
-    numbers = (
-        f"{train:.0%} of training responses reproduced near-verbatim from their own prompts, "
-        f"{rephrased:.0%} from the same prompts lightly rephrased, {heldout:.0%} of held-out answers"
-    )
-    flagged = (
-        train >= MEMORIZED_MIN and train - heldout >= MEMORIZED_GAP and train - rephrased >= MEMORIZED_GAP
-    )
-    if flagged:
-        return True, (
-            f"overfit/memorized: {numbers}. The model recalls training answers by their exact "
-            "wording instead of doing the task; use fewer epochs, a lower learning rate or more data"
+    if missing:
+        raise DataError(
+            f"{len(missing)} {name} row(s) have no answer to compare with:\n{problem_lines(missing)}\n"
+            "eval compares each generated reply with the row's last assistant turn: give every "
+            "row one (plain-text rows, `format: text`, have none)"
         )
-    return False, f"no sign of memorization: {numbers}"
+    return EvalSet(name, conversations, sources)
 
 
-def _heldout_conversations(cfg: Config) -> list[list[dict]]:
-    """Validation conversations (file or split), else the test split."""
+def load_test_set(cfg: Config, limit: int | None = None) -> EvalSet:
+    """The test split: `data.test`, or the bundled test split with the bundled data."""
+    from tunewise.data import data_paths
+
+    path = data_paths(cfg.data)[2]
+    if path is None:
+        raise DataError(
+            "there is no test split to evaluate: set `data.test` to a file of held-out "
+            "conversations (the same format as `data.train`), e.g. `data.test=data/test.jsonl`"
+        )
+    return _load_set("test", path, cfg, limit)
+
+
+def load_validation_set(cfg: Config, limit: int | None = None) -> EvalSet | None:
+    """Validation conversations as training evaluated them (file or seeded split); None without any."""
     from tunewise.data import data_paths, split_validation
     from tunewise.formats import load_conversations
 
     train_path, validation_path, _ = data_paths(cfg.data)
     if validation_path is not None:
-        return load_conversations(validation_path, cfg.data)[0]
-    if cfg.data.validation_split:
-        rows = load_conversations(train_path, cfg.data)[0]
-        return split_validation(rows, cfg.data.validation_split, cfg.data.seed)[1]
-    return test_conversations(cfg)
+        return _load_set("validation", validation_path, cfg, limit)
+    if not cfg.data.validation_split:
+        return None
+    rows, sources, _ = load_conversations(train_path, cfg.data)
+    held = split_validation(list(zip(rows, sources, strict=True)), cfg.data.validation_split, cfg.data.seed)[
+        1
+    ]
+    held = held[:limit] if limit else held
+    return EvalSet("validation", [r for r, _ in held], [s for _, s in held])
 
 
-def _train_conversations(cfg: Config) -> list[list[dict]]:
-    """Training conversations as the run trained on them (without a validation_split part)."""
-    from tunewise.data import data_paths, split_validation
-    from tunewise.formats import load_conversations
-
-    rows = load_conversations(data_paths(cfg.data)[0], cfg.data)[0]
-    if cfg.data.validation is None and cfg.data.validation_split:
-        rows = split_validation(rows, cfg.data.validation_split, cfg.data.seed)[0]
-    return rows
+# ----------------------------------------------------------------------------- loss
 
 
-def check_memorization(cfg: Config, run_dir: Path, n: int = 20, max_new_tokens: int = 64) -> dict[str, Any]:
-    """Generate for n training prompts, the same lightly rephrased, and n held-out prompts; compare.
+def encode_set(eval_set: EvalSet, tokenizer: Any, cfg: Config) -> list[EncodedExample | None]:
+    """Each conversation as training encodes it (template, masks, truncation); None where training
+    would leave it out (dropped as too long, or no trained token)."""
+    from tunewise.data import encode_conversation
 
-    Measures how often the replies reproduce the TRAINING responses (verbatim and near-verbatim, see
-    `NEAR_VERBATIM`), against the held-out accuracy measured the same way; flags memorization when
-    training prompts are reproduced far more often than both (`judge_memorization`). Writes
-    memorization.json into the run directory and returns its content.
-    """
+    out: list[EncodedExample | None] = []
+    for conversation, source in zip(eval_set.conversations, eval_set.sources, strict=True):
+        example = encode_conversation(conversation, tokenizer, cfg.data, source)
+        out.append(example if example is not None and example.n_trained else None)
+    return out
+
+
+def example_losses(
+    model: Any, examples: list[EncodedExample | None], pad_token_id: int, batch_size: int = LOSS_BATCH
+) -> list[tuple[float, int] | None]:
+    """(summed negative log-likelihood, trained tokens) per example: teacher-forced on its labels."""
+    from tunewise.data import DataCollator
+
+    collate = DataCollator(pad_token_id=pad_token_id)
+    present = [i for i, e in enumerate(examples) if e is not None]
+    out: list[tuple[float, int] | None] = [None] * len(examples)
+    for start in range(0, len(present), batch_size):
+        batch = present[start : start + batch_size]
+        tensors = collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch])
+        tensors = {k: v.to(model.device) for k, v in tensors.items()}
+        with torch.no_grad():
+            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        labels = tensors["labels"][:, 1:]  # labels align with input_ids: position t predicts t + 1
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        for row, i in enumerate(batch):
+            out[i] = (float(nll[row].sum()), int((labels[row] != -100).sum()))
+    return out
+
+
+def summarize_loss(losses: list[tuple[float, int] | None]) -> dict[str, Any]:
+    """Token-weighted mean loss over the examples and its perplexity, exp(loss)."""
+    total = sum(x[0] for x in losses if x)
+    tokens = sum(x[1] for x in losses if x)
+    loss = total / tokens if tokens else math.nan
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if tokens and loss < 700 else math.inf if tokens else math.nan,
+        "tokens": tokens,
+        "examples": sum(1 for x in losses if x),
+        "left_out": sum(1 for x in losses if not x),  # dropped as too long or with no trained token
+    }
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+@dataclass
+class ModelEval:
+    """One model's results: the summary (eval.json) and the per-example detail (eval.jsonl)."""
+
+    summary: dict[str, Any]
+    predictions: list[str]
+    scores: list[dict[str, float | None]]
+    errors: list[dict[str, str]]
+    losses: list[float | None] = field(default_factory=list)  # per test example: mean loss per token
+
+
+def _evaluate_model(
+    cfg: Config,
+    run_dir: Path | None,
+    test: EvalSet,
+    validation: EvalSet | None,
+    names: list[str],
+    user: UserMetric | None,
+    max_new_tokens: int | None,
+    progress: ProgressFn | None,
+) -> ModelEval:
+    """Load one model (base when run_dir is None), measure the loss, generate, score."""
+    which = "tuned" if run_dir is not None else "base"
     started = time.time()
-    train = [c for c in _train_conversations(cfg) if any(m["role"] == "assistant" for m in c)][:n]
-    heldout = [c for c in _heldout_conversations(cfg) if any(m["role"] == "assistant" for m in c)][:n]
-    rephrased = [_rephrase_conversation(c) for c in train]
     model, tokenizer = load_for_inference(cfg, run_dir)
-    outputs = {
-        name: generate(model, tokenizer, convs, max_new_tokens=max_new_tokens)
-        for name, convs in (("train", train), ("rephrased", rephrased), ("heldout", heldout))
-    }
-    sets = {
-        name: reproduction(outputs[name], [reference_of(c) for c in convs])
-        for name, convs in (("train", train), ("rephrased", rephrased), ("heldout", heldout))
-    }
-    flagged, message = judge_memorization(sets)
+    summary: dict[str, Any] = {"which": which, "n": len(test.conversations)}
+    per_example: list[tuple[float, int] | None] = []
+    for eval_set in (test, validation):
+        if eval_set is None:
+            continue
+        if progress:
+            progress(f"{which}: loss on {eval_set.name}", 0, len(eval_set.conversations))
+        losses = example_losses(model, encode_set(eval_set, tokenizer, cfg), tokenizer.pad_token_id)
+        for key, value in summarize_loss(losses).items():
+            summary[f"{eval_set.name}_{key}"] = value
+        if eval_set is test:
+            per_example = losses
+    if max_new_tokens is None:
+        max_new_tokens = cap_new_tokens(tokenizer, test.references)[0]
+    label = f"{which}: generating"
+    generation_started = time.time()
+    predictions = generate(
+        model,
+        tokenizer,
+        test.conversations,
+        max_new_tokens=max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        progress=(lambda done, total: progress(label, done, total)) if progress else None,
+    )
+    summary["generation_seconds"] = round(time.time() - generation_started, 2)
+    scored = score_examples(predictions, test.references, names, user)
+    summary.update(mean_scores(scored.scores))
+    failed = sum(1 for e in scored.errors if e)
+    if failed:
+        summary["metric_failures"] = failed
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["examples"] = [
+        {"prompt": prompt_text(c), "reference": r, "prediction": p}
+        for c, r, p in list(zip(test.conversations, test.references, predictions, strict=True))[
+            :EXAMPLES_KEPT
+        ]
+    ]
+    del model
+    return ModelEval(
+        summary, predictions, scored.scores, scored.errors, [x[0] / x[1] if x else None for x in per_example]
+    )
+
+
+def prompt_text(conversation: list[dict]) -> str:
+    """The last user turn before the answer (what eval.jsonl and the report show as the prompt)."""
+    prompt = prompt_of(conversation)
+    return next(
+        (m["content"] for m in reversed(prompt) if m["role"] == "user"),
+        prompt[-1]["content"] if prompt else "",
+    )
+
+
+@dataclass
+class _Plan:
+    """What both models are measured on, settled before any model is loaded."""
+
+    test: EvalSet
+    validation: EvalSet | None
+    names: list[str]
+    why: str
+    user: UserMetric | None
+
+
+def _plan(cfg: Config, limit: int | None) -> _Plan:
+    """Sets, metrics and the user's metric: every input error is raised here, before the slow part."""
+    test = load_test_set(cfg, limit)
+    user = load_user_metric(cfg.eval.metric) if cfg.eval.metric else None
+    names, why = choose_metrics(test.references, cfg.eval.metrics)
+    if user is not None and user.name in METRICS:
+        from tunewise.config import ConfigError
+
+        raise ConfigError(
+            [
+                f"`eval.metric: {user.spec}`: `{user.name}` is the name of a built-in metric; "
+                "rename your function"
+            ]
+        )
+    return _Plan(test, load_validation_set(cfg, limit), names, why, user)
+
+
+def evaluate(
+    cfg: Config,
+    run_dir: Path | None,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """One model on the test split (run_dir None: the base model): loss, perplexity, generation metrics.
+
+    Returns:
+        The summary: `which`, `n`, each metric's mean, `test_loss`, `test_perplexity` (and
+        `validation_*`), timings and the first examples.
+    """
+    plan = _plan(cfg, limit)
+    max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
+    return _evaluate_model(
+        cfg, run_dir, plan.test, plan.validation, plan.names, plan.user, max_new_tokens, progress
+    ).summary
+
+
+def compare(
+    cfg: Config, run_dir: Path, limit: int | None = None, progress: ProgressFn | None = None
+) -> dict[str, Any]:
+    """Base and tuned model side by side on the test split; writes eval.json and eval.jsonl into run_dir.
+
+    Returns:
+        eval.json's content: `base` and `tuned` summaries (see `evaluate`), the metrics and why they
+        were chosen, `max_new_tokens` and where it came from, the primary metric and the worst
+        regressions and best gains by it.
+    """
+    plan = _plan(cfg, limit)
+    if cfg.eval.max_new_tokens:
+        max_new_tokens, why_tokens = cfg.eval.max_new_tokens, "set by eval.max_new_tokens"
+    else:
+        from tunewise.model import load_tokenizer
+
+        max_new_tokens, why_tokens = cap_new_tokens(load_tokenizer(cfg), plan.test.references)
+    base = _evaluate_model(
+        cfg, None, plan.test, plan.validation, plan.names, plan.user, max_new_tokens, progress
+    )
+    tuned = _evaluate_model(
+        cfg, run_dir, plan.test, plan.validation, plan.names, plan.user, max_new_tokens, progress
+    )
+    primary = primary_metric(plan.names, plan.user.name if plan.user else None)
+    records = _records(plan.test, base, tuned, primary)
+    write_jsonl(run_dir / EVAL_EXAMPLES, records)
+    regressions, gains = rank_changes(records, CHANGES_LISTED)
     result = {
-        "flagged": flagged,
-        "verdict": "memorized" if flagged else "ok",
-        "message": message,
-        "threshold": NEAR_VERBATIM,
-        "sets": sets,
-        "seconds": round(time.time() - started, 1),
-        "examples": [
-            {
-                "prompt": _prompt_of(c)[-1]["content"],
-                "rephrased": _prompt_of(r)[-1]["content"],
-                "reference": reference_of(c),
-                "train_output": a,
-                "rephrased_output": b,
-            }
-            for c, r, a, b in list(
-                zip(train, rephrased, outputs["train"], outputs["rephrased"], strict=True)
-            )[:3]
-        ],
+        "base": base.summary,
+        "tuned": tuned.summary,
+        "metrics": plan.names + ([plan.user.name] if plan.user else []),
+        "metrics_chosen": plan.why,
+        "user_metric": plan.user.spec if plan.user else None,
+        "primary_metric": primary,
+        "max_new_tokens": max_new_tokens,
+        "max_new_tokens_from": why_tokens,
+        "examples_file": EVAL_EXAMPLES,
+        "regressions": regressions,
+        "gains": gains,
     }
-    (Path(run_dir) / "memorization.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / EVAL, result)
     return result
+
+
+def _records(test: EvalSet, base: ModelEval, tuned: ModelEval, primary: str) -> list[dict[str, Any]]:
+    """eval.jsonl: one object per test example."""
+    records = []
+    for i, (conversation, source) in enumerate(zip(test.conversations, test.sources, strict=True)):
+        b, t = base.scores[i].get(primary), tuned.scores[i].get(primary)
+        record: dict[str, Any] = {
+            "index": i,
+            "source": source,
+            "prompt": prompt_text(conversation),
+            "reference": reference_of(conversation),
+            "base": base.predictions[i],
+            "tuned": tuned.predictions[i],
+            "scores": {"base": base.scores[i], "tuned": tuned.scores[i]},
+            "loss": {"base": base.losses[i], "tuned": tuned.losses[i]},
+            "change": t - b if b is not None and t is not None else None,  # tuned - base, primary metric
+        }
+        if base.errors[i] or tuned.errors[i]:
+            record["errors"] = {"base": base.errors[i], "tuned": tuned.errors[i]}
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- prompts for `generate`
 
 
 def prompt_conversations(cfg: Config, prompts: list[str]) -> list[list[dict]]:
@@ -328,11 +470,11 @@ def prompt_conversations(cfg: Config, prompts: list[str]) -> list[list[dict]]:
 def conversations_from_file(cfg: Config, path: Path) -> list[list[dict]]:
     """Prompts from a file: a data file (.jsonl/.json/.csv/.parquet, any supported format; the prompt is
     each row up to its last assistant turn) or plain text with one prompt per line."""
-    from tunewise.formats import DataError, load_conversations
+    from tunewise.formats import load_conversations
 
     if not path.is_file():
         raise DataError(f"`{path}`: no such file; pass a text file with one prompt per line or a data file")
     if path.suffix in (".jsonl", ".json", ".csv", ".parquet"):
-        return [_prompt_of(c) for c in load_conversations(path, cfg.data)[0]]
+        return [prompt_of(c) for c in load_conversations(path, cfg.data)[0]]
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return prompt_conversations(cfg, lines)

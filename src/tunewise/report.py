@@ -26,6 +26,7 @@ from tunewise.doctor.curve import Curve, load_curve
 from tunewise.doctor.diagnose import Diagnosis, diagnose_path
 from tunewise.doctor.findings import Finding
 from tunewise.errors import ConfigError, DoctorError
+from tunewise.metrics import METRICS, rank_changes
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +354,37 @@ def _evaluation(run: RunFiles) -> str:
     )
 
 
+def _eval_examples(run: RunFiles) -> str:
+    """Loss, perplexity and the other metrics base vs tuned (eval.json); the worst regressions and best
+    gains among the examples of eval.jsonl."""
+    models = base, tuned = [x or {} for x in _eval_pair(run.evaluation)]
+    records = [r for _, r in rundir.read_jsonl(run.out_dir / rundir.EVAL_EXAMPLES)]
+    keys = [f"{s}_{m}" for s in ("test", "validation") for m in ("loss", "perplexity")]
+    keys += [m for m in run.evaluation.get("metrics") or [] if m not in EVAL_METRICS]
+    rows = [
+        (_e(k.replace("_", " ")), *(_bar(m.get(k)) if k in METRICS else _e(_num(m.get(k))) for m in models))
+        for k in keys  # a built-in metric is a fraction (a bar); losses and the user's metric are any number
+        if k in base or k in tuned
+    ]
+    if not rows and not records:
+        return ""
+    body = _table(rows, ("measure", "base model", "tuned model"), "wide") if rows else ""
+    metric = run.evaluation.get("primary_metric") or "the primary metric"
+    for title, picked in zip(("Worst regressions", "Best gains"), rank_changes(records, 3), strict=True):
+        cells = [
+            (_e(r.get("source", r.get("index"))), _e(f"{r['change']:+.2f}"),
+             *(f"<pre>{_e(r.get(k, ''))}</pre>" for k in ("prompt", "reference", "base", "tuned")))
+            for r in picked
+        ]  # fmt: skip
+        if cells:
+            head = ("example", f"change in {_e(metric)}", "prompt", "reference", "base", "tuned")
+            body += f"<h3>{title}</h3>" + _table(cells, head, "wide")
+    note = f"{len(records)} examples in {rundir.EVAL_EXAMPLES}; teacher-forced loss on the trained tokens"
+    return _section(
+        "eval-examples", "Evaluation: loss and per-example changes", body + f'<p class="muted">{note}</p>'
+    )
+
+
 def _memorization(run: RunFiles) -> str:
     m = run.memorization
     if not m:
@@ -555,6 +587,7 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
         _findings(run),
         _section("dynamics", "Training dynamics", f'<div class="grid3">{dynamics}</div>') if dynamics else "",
         _evaluation(run),
+        _eval_examples(run),
         _memorization(run),
         _samples(run),
         f'<div class="two">{_plan_and_check(run)}{_hardware_and_time(run)}</div>',

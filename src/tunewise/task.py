@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from tunewise.metrics import exact_match, field_accuracy, valid_json
+
 SYSTEM_PROMPT = "You convert sentences to JSON."
 INSTRUCTION = "Extract the contact as JSON."
 FIELDS = ("name", "age", "city", "job")
@@ -162,21 +164,6 @@ def bundled_data_dir() -> Path:
     return Path(__file__).parent / "bundled" / "contacts"
 
 
-def _first_json_object(text: str) -> dict | None:
-    """Return the first JSON object found in `text`, or None when there is none."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            value = None
-        if isinstance(value, dict):
-            return value
-        start = text.find("{", start + 1)
-    return None
-
-
 def score_prediction(prediction: str, reference: str) -> dict:
     """Score one generated answer against the reference JSON record.
 
@@ -186,28 +173,16 @@ def score_prediction(prediction: str, reference: str) -> dict:
 
     Returns:
         `{"exact", "valid_json", "field_accuracy"}`. `exact`: the stripped prediction parses as
-        JSON and equals the reference object. `valid_json`: the stripped prediction parses as a
-        JSON object. `field_accuracy`: the fraction of reference fields with an equal value, read
-        leniently from the first JSON object in the text (0.0 when there is none).
+        JSON and equals the reference object, field types included. `valid_json`: the stripped
+        prediction parses as a JSON object. `field_accuracy`: the fraction of reference fields with
+        an equal value, read leniently from the first JSON object in the text (0.0 when there is none).
+        The same functions score any JSON-object test split (`tunewise.metrics`).
     """
-    expected = json.loads(reference)
-    try:
-        parsed = json.loads(prediction.strip())
-    except json.JSONDecodeError:
-        parsed = None
-    valid_json = isinstance(parsed, dict)
-    found = parsed if valid_json else _first_json_object(prediction)
-    if found is None or not expected:
-        field_accuracy = 0.0
-    else:
-        # type() check so that age 34 and "34", or 1 and true, do not count as equal.
-        matches = sum(
-            key in found and found[key] == value and type(found[key]) is type(value)
-            for key, value in expected.items()
-        )
-        field_accuracy = matches / len(expected)
-    exact = valid_json and parsed == expected and field_accuracy == 1.0
-    return {"exact": exact, "valid_json": valid_json, "field_accuracy": field_accuracy}
+    return {
+        "exact": exact_match(prediction, reference) == 1.0,
+        "valid_json": valid_json(prediction, reference) == 1.0,
+        "field_accuracy": field_accuracy(prediction, reference),
+    }
 
 
 def score_predictions(predictions: list[str], references: list[str]) -> dict:
