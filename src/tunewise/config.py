@@ -238,17 +238,38 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The document and its key lines; raises yaml.YAMLError, or ValueError naming the line."""
     loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except RecursionError:  # PyYAML composes and constructs recursively
-        line = loader.get_mark().line + 1
-        raise ValueError(f"{line}:nested too deep to read; flatten it") from None
-    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
-        line = loader.get_mark().line + 1
-        raise ValueError(f"{line}:{exc}; shorten the value") from None
+        try:
+            root = loader.get_single_node()
+        except RecursionError:  # PyYAML composes recursively; the reader stopped where it got too deep
+            raise ValueError(f"{loader.get_mark().line + 1}:nested too deep to read; flatten it") from None
+        try:
+            data = loader.construct_document(root) if root is not None else None
+        except RecursionError:
+            raise ValueError(f"{_culprit_line(loader, root)}:nested too deep to read; flatten it") from None
+        except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+            raise ValueError(f"{_culprit_line(loader, root)}:{exc}; shorten the value") from None
     finally:
         loader.dispose()
     return data, _yaml_lines(root)
+
+
+def _culprit_line(loader: yaml.SafeLoader, root: yaml.Node) -> int:
+    """The 1-based line of the first scalar that cannot be constructed, else of the deepest node."""
+    loader.recursive_objects.clear()  # left over by the construction that failed
+    stack, deepest = [(root, 0)], (0, root)
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, (depth, node), key=lambda d: d[0])
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                loader.construct_object(node)
+            except (ValueError, OverflowError):
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+    return deepest[1].start_mark.line + 1
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:

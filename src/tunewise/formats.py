@@ -13,13 +13,12 @@ import csv
 import io
 import json
 import logging
-import re
 import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tunewise.config import DataConfig
+from tunewise.config import SURROGATE, DataConfig
 from tunewise.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them i
 MAX_LISTED = 10  # problems listed in one DataError
 SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
 MAX_DEPTH = 200  # brackets deeper than this are blamed when Python's JSON reader runs out of stack
-SURROGATE = re.compile("[\ud800-\udfff]")  # lone UTF-16 halves: Python strings hold them, tokenizers cannot
 _SHORT = reprlib.Repr()  # a bounded repr of a bad value, however long or deep
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
 
@@ -325,8 +323,11 @@ def load_file(path: str | Path, cfg: DataConfig) -> tuple[list[list[dict]], list
     rows = _read_rows(Path(path))
     if not rows:
         raise DataError(f"{path}: has no rows")
-    first = next((row for _, row in rows if not isinstance(row, RowProblem)), None)
-    fmt = cfg.format if first is None else detect_format(first, cfg)  # no good row: every row is reported
+    first = next(((src, row) for src, row in rows if not isinstance(row, RowProblem)), None)
+    try:
+        fmt = cfg.format if first is None else detect_format(first[1], cfg)  # no good row: all are reported
+    except DataError as exc:
+        raise DataError(f"{first[0]}: {exc}") from None
     conversations, sources, skipped, problems = [], [], Counter(), []
     for source, row in rows:
         try:
