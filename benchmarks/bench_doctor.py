@@ -15,8 +15,8 @@ mapped onto the same verdicts, as generously as its output allows (/work/shared/
     loss_spikes -> unstable.
 
 Several problems -> the most severe (diverged > overfitting > flat > unstable); none -> healthy. The peers
-have no "too short to judge" answer, so a run labelled insufficient-data counts against them unless they
-say nothing is wrong... which is also wrong; `accuracy_judgeable` leaves those runs out for everyone.
+have no "too short to judge" answer, so every run labelled insufficient-data is a miss for them;
+`accuracy_judgeable` leaves those runs out for every tool.
 
 A peer is given the trainer_state.json file, or for a LLaMA-Factory run the trainer_log.jsonl inside its
 folder; tunewise gets the folder. A run a tool cannot read (an error, or no loss series read) is left out
