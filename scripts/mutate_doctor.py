@@ -29,7 +29,7 @@ SRC = Path(os.environ.get("TUNEWISE_SRC", ROOT / "src"))  # the source tree to m
 ENV_KEY = "TUNEWISE_MUTATE"  # "module:NAME=value" for the subprocess plugin
 # The doctor's tests that need no training run (the live ones train models: minutes each). The holdout
 # corpus test is left out: its targets are reported, not used to judge changes to the rules.
-TESTS = ["tests/doctor"]
+TESTS = ["tests/doctor/test_thresholds.py", "tests/doctor"]  # the boundary cases first: -x stops sooner
 IGNORE = ["tests/doctor/test_doctor_live.py"]
 DESELECT = ["tests/doctor/test_real_runs.py::test_corpus_holdout_meets_the_targets"]
 

@@ -173,6 +173,7 @@ def test_zero_loss_without_grad_norm_after_a_real_loss_is_a_hidden_nan() -> None
     assert "logging_nan_inf_filter" in finding.title
     d = diagnose_curve(curve_of(losses, [None] * 30))
     assert d.verdict == "diverged" and d.evidence["cause"] == "nan_hidden"
+    assert math.isnan(d.evidence["loss_last"]) and d.evidence["loss_first"] == 1.9
     assert any((fix.change or "").startswith("training.learning_rate=") for fix in finding.fixes)
 
 
@@ -328,3 +329,20 @@ def test_doctor_json_is_strict_json_with_null_and_a_flag() -> None:
     assert data["evidence"]["loss_last"] is None and data["evidence"]["loss_last_non_finite"] == "NaN"
     finding = next(f for f in data["findings"] if f["code"] == "non_finite")
     assert finding["evidence"]["loss"] is None and finding["evidence"]["loss_non_finite"] == "NaN"
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.2])
+def test_live_per_step_noise_of_small_batches_raises_no_error_and_stays_healthy(sigma: float) -> None:
+    # Every optimizer step live, batch noise of 10-20% (lognormal) on a healthy decay: the monitor stops a
+    # run on an error finding, so none may come from noise; post hoc the verdict is healthy.
+    import random
+
+    for seed in range(10):
+        rng = random.Random(seed)
+        losses = [(1.0 + 1.2 * math.exp(-s / 80)) * math.exp(rng.gauss(0, sigma)) for s in range(400)]
+        grads = [0.5 * math.exp(rng.gauss(0, sigma)) for _ in range(400)]
+        w = watcher(warmup_steps=12, total_steps=400)
+        feed(w, curve_of(losses, grads))
+        w.finish()
+        assert not [f for f in w.findings if f.severity == "error"], (seed, fired({0: w.findings}))
+        assert diagnose_curve(curve_of(losses, grads)).verdict == "healthy", seed

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
-from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite, hides_nan, load_curve, read_context
+from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite, load_curve, read_context
 from tunewise.doctor.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
 from tunewise.doctor.progress import FLAT_BAND
 from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
@@ -108,7 +108,7 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     watcher.finish()
     _settle(watcher)
     verdict = _verdict(watcher, len(curve.train), context.get("status"))
-    evidence = _run_evidence(curve, context.get("status"))
+    evidence = _run_evidence(curve, context.get("status"), watcher.divergence.hidden_steps)
     bad_steps = [watcher.open_episodes[c] for c in DIVERGED_CODES if c in watcher.open_episodes]
     bad_step = min(bad_steps) if bad_steps else None
     checkpoint, evidence["keep"] = _choose_checkpoint(curve, bad_step)
@@ -222,9 +222,10 @@ def _cause(watcher: CurveWatcher, verdict: Verdict) -> str | None:
     return None
 
 
-def _run_evidence(curve: Curve, status: str | None) -> dict[str, Any]:
-    """Whole-run numbers: span, first/last/min loss, best and last eval, peak learning rate."""
-    losses = [(p.step, math.nan if hides_nan(p.loss, p.grad_norm) else p.loss) for p in curve.train]
+def _run_evidence(curve: Curve, status: str | None, hidden: set[int]) -> dict[str, Any]:
+    """Whole-run numbers: span, first/last/min loss, best and last eval, peak learning rate (a loss the
+    logging filter wrote as 0.0 for a NaN, at a step in `hidden`, counts as NaN)."""
+    losses = [(p.step, math.nan if p.step in hidden else p.loss) for p in curve.train]
     kept = [(s, x) for s, x in losses if finite(x)]
     evals = [e for e in curve.eval if finite(e.eval_loss)]
     lrs = [p.lr for p in curve.train if finite(p.lr)]

@@ -12,7 +12,7 @@
 - loss_explosion (error): > EXPLOSION_RATIO x the minimum and > minimum + EXPLOSION_ABOVE_MIN,
   spiked for EXPLOSION_POINTS points in a row, or still spiked when the run ends.
 - loss_explosion in the first steps, before a calm curve exists: within the first EARLY_POINTS points
-  the loss is > EARLY_RATIO x the starting loss (the lowest of the first 3 points) and > start +
+  the loss is > EARLY_RATIO x the starting loss (the median of the first 3 points) and > start +
   EARLY_ABOVE. At any step: the loss reaches KNOWS_NOTHING x ln(vocab size), the loss of a model that
   knows nothing, from a start below KNEW_SOMETHING x ln(vocab size) (vocab size from the run's context;
   the test is skipped without it).
@@ -65,10 +65,13 @@ class DivergenceRules:
         self.calm: list[float] = []  # finite losses outside spikes: the reference for the next spike
         self.calm_grad_norms: list[float] = []  # finite grad norms outside spikes
         self.minimum: tuple[int, float] | None = None  # (step, running minimum of the smoothed loss)
-        self.start: float | None = None  # the starting loss: the lowest of the first 3 finite losses
+        self.start: float | None = None  # the starting loss: the median of the first 3 calm losses
+        self._first: list[float] = []
+        self.hidden_steps: set[int] = set()  # steps whose 0.0 loss is a NaN the logging filter hid
         self._spike_ref, self._spiked_for, self._grad_ref = 0.0, 0, 0.0
         self._grad_nan: list[int] = []  # the current run of steps with a non-finite grad norm
         self._degraded: list[int] = []  # the current run of points above the degradation line
+        self._diff_sum, self._diffs = 0.0, 0  # |step-to-step change| of the calm losses, over the whole run
 
     @property
     def knows_nothing(self) -> float | None:
@@ -78,9 +81,12 @@ class DivergenceRules:
 
     def record(self, step: int, loss: float) -> None:
         """Remember a finite loss: outside a spike it is calm and may lower the running minimum."""
-        if len(self.watch.losses) <= 3 and "loss_spike" not in self.watch.open_episodes:
-            self.start = loss if self.start is None else min(self.start, loss)
+        if len(self._first) < 3 and "loss_spike" not in self.watch.open_episodes:
+            self._first.append(loss)
+            self.start = statistics.median(self._first)
         if "loss_spike" not in self.watch.open_episodes:
+            if self.calm:
+                self._diff_sum, self._diffs = self._diff_sum + abs(loss - self.calm[-1]), self._diffs + 1
             self.calm.append(loss)
             # The minimum of a 5-point median: the minimum of raw per-step losses sits far below the curve.
             smooth = statistics.median(self.calm[-MEDIAN_WINDOW:])
@@ -101,9 +107,11 @@ class DivergenceRules:
     def on_non_finite(
         self, step: int, loss: float, grad_norm: float | None, lr: float | None, tokens: int | None
     ) -> list[Finding]:
+        hidden = self.hides_nan(loss, grad_norm)
+        if hidden:
+            self.hidden_steps.add(step)
         if not self.watch.open("non_finite", step):
             return []
-        hidden = self.hides_nan(loss, grad_norm)
         shown = math.nan if hidden else loss
         last = self.watch.losses[-1] if self.watch.losses else None
         if hidden and grad_norm is None:
@@ -301,12 +309,16 @@ class DivergenceRules:
         return [Finding(step, "error", "loss_degradation", title, evidence, *self.advice())]
 
     def noise(self) -> float:
-        """The point-to-point noise of the recent calm losses (robust: a trend does not inflate it)."""
+        """The point-to-point noise of the calm losses (a trend does not inflate it): the larger of the recent
+        estimate (median over the last NOISE_WINDOW changes) and the whole run's (mean change), so that a
+        quiet stretch of a noisy run does not make its noisy minimum look like a real low."""
         window = self.calm[-NOISE_WINDOW:]
         if len(window) < 3:
             return 0.0
         diffs = [abs(b - a) for a, b in zip(window, window[1:], strict=False)]
-        return 1.4826 * statistics.median(diffs) / math.sqrt(2)
+        recent = 1.4826 * statistics.median(diffs) / math.sqrt(2)
+        # For Gaussian noise the mean |change| of two points is 2 / sqrt(pi) std.
+        return max(recent, self._diff_sum / self._diffs * math.sqrt(math.pi) / 2)
 
     def check_grad_norm(self, step: int, grad_norm: float | None) -> list[Finding]:
         if grad_norm is None:

@@ -4,13 +4,13 @@
   the mean of the last 3 points is not below the mean of the first 3 by more than MIN_FALL of it,
   nor by more than the noise (std of the points around their straight-line fit). Skipped when that
   noise would hide a NOISY (5%) fall.
-- flat: the loss did not get rid of FLAT_BAND (10%) of where it started: the start is the first point
-  (or the median of the first 3 when higher), the end the median of the last twentieth (at least 3
-  points). Judged at point FLAT_AT (warning), at point FLAT_ERROR_AT and at the end of a run of at
-  least FLAT_MIN_POINTS points (error), not when the eval loss fell by FLAT_BAND meanwhile. The
+- flat: the loss did not get rid of FLAT_BAND (10%) of where it started. Live at point FLAT_AT
+  (warning) and FLAT_ERROR_AT (error), the means of the first and last tenth; at the end of a run of at
+  least FLAT_MIN_POINTS points (error), the first point (or the median of the first 3 when higher)
+  against the median of the last tenth, and not when the eval loss fell by FLAT_BAND meanwhile. The
   verdict `flat` (diagnose.py) is this end-of-run test.
-- oscillation (warning), at the flat checkpoints and at the end, instead of flat: a loss with no
-  trend (as flat) that swings: over the last two thirds of the points the 10th-90th percentile range
+- oscillation (warning), at the end of the run (the whole curve known), instead of flat: a loss with
+  no trend (as flat) that swings: over the last two thirds of the points the 10th-90th percentile range
   is > OSC_SPREAD of their median.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from tunewise.doctor.advice import flat_advice, oscillation_advice
 from tunewise.doctor.findings import Finding, Severity, fmt_lr, num
@@ -30,14 +30,21 @@ NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY, MIN_FALL = 10, 50, 100
 FLAT_MIN_POINTS, OSC_SPREAD = 5, 0.5
 
 
-def _ends(values: list[float], early: bool) -> tuple[float, float]:
-    """Loss at the start and now. Early on, the means of the first and last 3 points; later the first
-    point (or the median of the first 3, when higher: one lucky batch is no start) and the median of the
-    last twentieth (at least 3 points)."""
-    if early:
+Stage = Literal["early", "checkpoint", "end"]
+
+
+def _ends(values: list[float], stage: Stage) -> tuple[float, float]:
+    """Loss at the start and now. Early on, the means of the first and last 3 points; at the live
+    checkpoints, the means of the first and last tenth (at least 3 and 5 points: per-step noise averages
+    out); at the end of the run the first point (or the median of the first 3, when higher: one lucky
+    batch is no start) and the median of the last tenth (at least 3 points)."""
+    n = len(values)
+    if stage == "early":
         return statistics.fmean(values[:3]), statistics.fmean(values[-3:])
+    if stage == "checkpoint":
+        return statistics.fmean(values[: max(3, n // 10)]), statistics.fmean(values[-max(5, n // 10) :])
     start = max(values[0], statistics.median(values[:3]))
-    return start, statistics.median(values[-max(3, len(values) // 20) :])
+    return start, statistics.median(values[-max(3, n // 10) :])
 
 
 def _noise(values: list[float]) -> float:
@@ -59,7 +66,7 @@ def _oscillating(values: list[float]) -> bool:
     """Swinging widely without a trend."""
     if len(values) < FLAT_MIN_POINTS:
         return False
-    start, now = _ends(values, early=False)
+    start, now = _ends(values, "end")
     return now > (1 - FLAT_BAND) * start and _spread(values[len(values) // 3 :]) > OSC_SPREAD
 
 
@@ -85,17 +92,13 @@ class ProgressRules:
             return []  # (a spike or a climb is reported already; it says nothing about learning speed)
         values = [loss for _, loss in self.watch.losses]
         if n == self.not_falling_at:
-            start, now = _ends(values, early=True)
+            start, now = _ends(values, "early")
             noise = _noise(values)
             if noise * math.sqrt(2 / 3) > NOISY * abs(start):
                 return []  # too noisy to see a fall this early: the flat check decides later
             fell = start - now > min(MIN_FALL * abs(start), noise)
             return [] if fell else [self._finding("not_falling", "warning", step)]
-        if "oscillation" in self.watch.open_episodes:
-            return []
-        if _oscillating(values):
-            return [self._oscillation(step)]
-        start, now = _ends(values, early=False)
+        start, now = _ends(values, "checkpoint")
         if now > start * (1 - FLAT_BAND):
             return [self._finding("flat", "warning" if n == FLAT_AT else "error", step)]
         return []
@@ -108,7 +111,7 @@ class ProgressRules:
         stopped = {"loss_spike", "non_finite", "loss_degradation"} & self.watch.open_episodes.keys()
         if len(values) < FLAT_MIN_POINTS or stopped:
             return []
-        start, now = _ends(values, early=False)
+        start, now = _ends(values, "end")
         self.end_change = (now - start) / abs(start) if start else None
         if self.watch.overfitting.eval_fell(FLAT_BAND):
             self.end_change = None  # the held-out loss fell: the run learned, whatever the train loss did
@@ -150,7 +153,7 @@ class ProgressRules:
     def _finding(self, code: str, severity: Severity, step: int, at_end: bool = False) -> Finding:
         w = self.watch
         values = [loss for _, loss in w.losses]
-        start, now = _ends(values, early=code == "not_falling")
+        start, now = _ends(values, "early" if code == "not_falling" else "end" if at_end else "checkpoint")
         change = (now - start) / abs(start) * 100 if start else 0.0
         grads = w.divergence.calm_grad_norms
         grad = statistics.median(grads) if grads else None
