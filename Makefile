@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean chromium
+.PHONY: demo test test-fast lint format clean chromium
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,20 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev chromium
 	$(PY) -m pytest -q
 
+# The edit-test loop: nothing that trains or loads a model, no browser (markers: tests/conftest.py).
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not slow and not model and not chromium"
+
 chromium:
 	@scripts/ensure_chromium.sh
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) runs .cache

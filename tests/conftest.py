@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny Llama model saved next to the real SmolLM2 tokenizer, and small data files."""
+"""Shared fixtures: a tiny Llama model saved next to the real SmolLM2 tokenizer, and small data files.
+
+Markers (pyproject.toml): `slow` (the real SmolLM2, or several processes), `model` (set here on every
+test under tests/training/ and every test that uses the tiny model: they load or train a model),
+`chromium` (a real headless browser).
+`make test-fast` runs what has none of them.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +51,13 @@ def make_tiny_model(directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    training = Path(__file__).parent / "training"
+    for item in items:
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) or training in Path(item.path).parents:
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from chromium import dump_dom, screenshot
 
 DOCS = Path(__file__).parent.parent / "docs"
+pytestmark = pytest.mark.chromium
 
 
 def test_demo_report_renders_in_headless_chromium(tmp_path):

@@ -3,6 +3,7 @@ opened in a real headless Chromium."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -17,16 +18,16 @@ from conftest import FIXTURES, tiny_overrides, write_subset
 from tunewise.report import write_report
 
 STATES = FIXTURES / "trainer_states"
+
+
 def needs_chromium(test):
-    """CI installs Chromium (.ci/run): a missing browser is a failure, never a skip."""
+    """`make test` installs Chromium: a missing browser is a failure, never a skip."""
 
     def run(*args, **kwargs):
         assert shutil.which("chromium"), "chromium missing: apt-get install -y chromium"
         return test(*args, **kwargs)
 
-    import functools
-
-    return functools.wraps(test)(run)
+    return pytest.mark.chromium(functools.wraps(test)(run))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import statistics
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.transforms import Transform, blended_transform_factory
 
-from tunewise.doctor.curve import Curve, hides_nan
+from tunewise.doctor.curve import Curve, TrainPoint, hides_nan
 from tunewise.doctor.findings import Finding
 
 SEVERITY_COLORS = {"error": "#d93025", "warning": "#e37400", "info": "#5f6368"}
@@ -30,7 +31,7 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _figure(width: float, height: float, title: str) -> tuple[Any, Any]:
+def _figure(width: float, height: float, title: str) -> tuple[Figure, Axes]:
     """A clean Agg figure with one axes: light grid, no top/right frame."""
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -48,19 +49,19 @@ def _figure(width: float, height: float, title: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _log_scale_if_wide(ax: Any, values: list[float]) -> None:
+def _log_scale_if_wide(ax: Axes, values: list[float]) -> None:
     """Log scale when the values span more than 30x (an explosion would flatten the rest)."""
     finite = [v for v in values if _finite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 30:
         ax.set_yscale("log")
 
 
-def _top_edge(ax: Any) -> Any:
+def _top_edge(ax: Axes) -> Transform:
     """A transform with x in data units and y in axes fractions (0 bottom, 1 top)."""
     return blended_transform_factory(ax.transData, ax.transAxes)
 
 
-def _mark_non_finite(ax: Any, steps: list[int], label: str) -> None:
+def _mark_non_finite(ax: Axes, steps: list[int], label: str) -> None:
     if steps:
         ax.scatter(
             steps,
@@ -85,7 +86,7 @@ def epoch_ends(curve: Curve) -> list[tuple[int, int]]:
     return ends
 
 
-def _draw_epochs(ax: Any, curve: Curve) -> None:
+def _draw_epochs(ax: Axes, curve: Curve) -> None:
     ends = epoch_ends(curve)
     for step, _ in ends:
         ax.axvline(step, color="#9aa0a6", linestyle=":", linewidth=1)
@@ -96,7 +97,7 @@ def _draw_epochs(ax: Any, curve: Curve) -> None:
         top.spines["top"].set_visible(False)
 
 
-def _draw_findings(ax: Any, findings: list[Finding]) -> None:
+def _draw_findings(ax: Axes, findings: list[Finding]) -> None:
     """A numbered marker per finding at its step, coloured by severity (numbers match the report's list)."""
     for number, f in enumerate(findings, 1):
         if f.step is None:
@@ -117,7 +118,7 @@ def _draw_findings(ax: Any, findings: list[Finding]) -> None:
         )
 
 
-def _hides_nan(point: Any) -> bool:
+def _hides_nan(point: TrainPoint) -> bool:
     return hides_nan(point.loss, point.grad_norm)
 
 

@@ -14,17 +14,20 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from tunewise.config import DEFAULT_LR, Config
-from tunewise.data import encode_conversation, listed
+from tunewise.data import DataBundle, EncodedExample, encode_conversation, listed
 from tunewise.doctor.advice import HIGH_LR, LOW_LR, TYPICAL_LR
 from tunewise.errors import DataError
 from tunewise.formats import load_conversations
 from tunewise.model import cpu_supports_bf16
 from tunewise.plan import Prepared, prepare
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def _source_file(source: str) -> str:
     return source.rsplit(":", 1)[0]
 
 
-def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
+def _conversations(cfg: Config, bundle: DataBundle) -> dict[str, list[dict]]:
     """source -> conversation for every row of the files the examples came from."""
 
     sources = [e.source for e in bundle.train + (bundle.validation or [])] + bundle.stats.no_trained_sources
@@ -157,7 +160,7 @@ def _conversations(cfg: Config, bundle: Any) -> dict[str, list[dict]]:
 
 
 def _full_lengths(
-    cfg: Config, bundle: Any, conversations: dict[str, list[dict]], tokenizer: Any
+    cfg: Config, bundle: DataBundle, conversations: dict[str, list[dict]], tokenizer: PreTrainedTokenizerBase
 ) -> list[int]:
     """Tokens of every example before truncation, the ones left out (no trained token, dropped) included."""
 
@@ -176,7 +179,7 @@ def _full_lengths(
     return sorted(lengths)
 
 
-def _end_of_turn_id(tokenizer: Any, cfg: Config, fmt: str) -> int | None:
+def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase, cfg: Config, fmt: str) -> int | None:
     """The token that ends an assistant turn (what the model must learn to stop): the special token
     the chat template writes right after the answer, else EOS."""
     if fmt == "text":
@@ -197,7 +200,7 @@ def _end_of_turn_id(tokenizer: Any, cfg: Config, fmt: str) -> int | None:
 # ----------------------------------------------------------------------------- data items
 
 
-def _trainable_item(bundle: Any, length_fix: str | None) -> CheckItem:
+def _trainable_item(bundle: DataBundle, length_fix: str | None) -> CheckItem:
     stats = bundle.stats
     trainable, none = len(bundle.train), stats.no_trained_tokens
     total = stats.encoded + none
@@ -228,7 +231,7 @@ def _trainable_item(bundle: Any, length_fix: str | None) -> CheckItem:
     return _item("trainable_examples", status, detail, numbers, fix)
 
 
-def _length_item(cfg: Config, bundle: Any, lengths: list[int]) -> CheckItem:
+def _length_item(cfg: Config, bundle: DataBundle, lengths: list[int]) -> CheckItem:
     stats, limit = bundle.stats, cfg.data.max_seq_length
     total = len(lengths)
     cut = stats.response_cut + stats.dropped_too_long
@@ -293,7 +296,7 @@ def _leakage_item(train_keys: set[str], validation: list[tuple[str, str]] | None
     return _item("leakage", status, detail, numbers)
 
 
-def _empty_item(bundle: Any) -> CheckItem:
+def _empty_item(bundle: DataBundle) -> CheckItem:
     empty = bundle.stats.skipped_bad_rows.get("empty_response", 0)
     detail = (
         f"{empty} rows with an empty or whitespace-only response were skipped"
@@ -304,7 +307,7 @@ def _empty_item(bundle: Any) -> CheckItem:
     return _item("empty_responses", "WARN" if empty else "PASS", detail, numbers)
 
 
-def _eos_item(bundle: Any, eot: int | None, tokenizer: Any) -> CheckItem:
+def _eos_item(bundle: DataBundle, eot: int | None, tokenizer: PreTrainedTokenizerBase) -> CheckItem:
     name = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
     whole = [e for e in bundle.train + (bundle.validation or []) if e.n_trained and not e.response_cut]
     missing = [e.source for e in whole if eot not in e.labels]  # labels hold trained ids, -100 elsewhere
@@ -639,7 +642,7 @@ def _data_items(cfg: Config, prep: Prepared) -> tuple[list[CheckItem], dict[str,
     conversations = _conversations(cfg, bundle)
     lengths = _full_lengths(cfg, bundle, conversations, tokenizer)
 
-    def key(example: Any) -> str:
+    def key(example: EncodedExample) -> str:
         messages = conversations.get(example.source)
         return _normalised(messages) if messages is not None else repr(example.input_ids)
 

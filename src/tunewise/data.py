@@ -19,11 +19,15 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunewise.config import Config, DataConfig
 from tunewise.errors import ConfigError, DataError
 from tunewise.formats import TEXT_ROLE, RowProblem, load_file, problem_lines
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class DataBundle:
     stats: DataStats
     format: str
 
-    def to_hf(self, split: str) -> Any:
+    def to_hf(self, split: str) -> Dataset:
         """The split as a `datasets.Dataset` with exactly the columns `input_ids` and `labels`."""
         from datasets import Dataset
 
@@ -96,7 +100,7 @@ class DataBundle:
 # ----------------------------------------------------------------------------- conversations -> labels
 
 
-def _chat_template(tokenizer: Any, cfg: DataConfig) -> str | None:
+def _chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> str | None:
     """The template to render with: `data.chat_template`, else the tokenizer's (None), else the default."""
     if cfg.chat_template:
         return cfg.chat_template
@@ -110,21 +114,28 @@ def _chat_template(tokenizer: Any, cfg: DataConfig) -> str | None:
     )
 
 
-def _render(tokenizer: Any, messages: list[dict], template: str | None, generation: bool = False) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None, generation: bool = False
+) -> str:
     """The chat template applied to messages, as text."""
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation, chat_template=template
     )
 
 
-def _special_strings(tokenizer: Any) -> list[str]:
+def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The text of every special token, longest first."""
     specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     return sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
 
 
 def _turn_span(
-    messages: list[dict], i: int, text: str, cursor: int, tokenizer: Any, template: str | None
+    messages: list[dict],
+    i: int,
+    text: str,
+    cursor: int,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
 ) -> tuple[int, int]:
     """Characters of assistant turn i in the full text: its content through the end-of-turn token.
 
@@ -163,7 +174,9 @@ def _token_in_span(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
     return any(start < e and end > s for s, e in spans)
 
 
-def _encode_text(content: str, tokenizer: Any) -> tuple[list[int], list[int], list[int], int]:
+def _encode_text(
+    content: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int], list[int], int]:
     """Plain text: the tokenizer's own special tokens, EOS appended, every token trained."""
     ids = tokenizer(content).input_ids
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -172,7 +185,7 @@ def _encode_text(content: str, tokenizer: Any) -> tuple[list[int], list[int], li
 
 
 def _encode_chat(
-    messages: list[dict], tokenizer: Any, cfg: DataConfig
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
 ) -> tuple[list[int], list[int], list[int], int]:
     """Render once, find trained character spans, tokenize once with offsets, label by overlap."""
     template = _chat_template(tokenizer, cfg)
@@ -209,7 +222,9 @@ def _encode_chat(
     return ids, labels, lengths, _count_merges(spans, text, ids, tokenizer)
 
 
-def _count_merges(spans: list[tuple[int, int]], text: str, ids: list[int], tokenizer: Any) -> int:
+def _count_merges(
+    spans: list[tuple[int, int]], text: str, ids: list[int], tokenizer: PreTrainedTokenizerBase
+) -> int:
     """Trained turns whose prompt, tokenized alone, is not a prefix of the full tokenization.
 
     Then the first response token merged with the end of the prompt (e.g. "[/INST] " + "Yes" -> " Yes"):
@@ -224,7 +239,7 @@ def _count_merges(spans: list[tuple[int, int]], text: str, ids: list[int], token
 
 
 def encode_conversation(
-    messages: list[dict], tokenizer: Any, cfg: DataConfig, source: str = ""
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, source: str = ""
 ) -> EncodedExample | None:
     """Tokenize one conversation and label it by `cfg.train_on`, applying `cfg.max_seq_length`.
 
@@ -271,7 +286,7 @@ def encode_conversation(
 # ----------------------------------------------------------------------------- pad token, datasets, batches
 
 
-def _template_token_ids(tokenizer: Any) -> set[int]:
+def _template_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Ids that a chat conversation uses as BOS, EOS or template markers: never fit to be pad."""
     ids = {tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
     if tokenizer.chat_template:
@@ -285,7 +300,7 @@ def _template_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def ensure_pad_token(tokenizer: Any) -> bool:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Give the tokenizer a pad token that is never trained (not EOS, BOS or a template marker).
 
     Reuses an existing unused special token (`<pad>`-like, unk, `<|endoftext|>`...) when there is one.
@@ -339,7 +354,7 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
 def _encode_all(
     conversations: list[list[dict]],
     sources: list[str],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     cfg: DataConfig,
     stats: DataStats,
     problems: list[str],
@@ -372,7 +387,9 @@ def _encode_all(
     return examples
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any, keep_untrained: bool = False) -> DataBundle:
+def build_datasets(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, keep_untrained: bool = False
+) -> DataBundle:
     """Load, validate, split and encode the train/validation data and load the test conversations.
 
     Sets `tokenizer.chat_template` when `data.chat_template` is given or the tokenizer has none (the
@@ -455,7 +472,7 @@ class DataCollator:
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
-def render_example(example: EncodedExample, tokenizer: Any, color: bool) -> str:
+def render_example(example: EncodedExample, tokenizer: PreTrainedTokenizerBase, color: bool) -> str:
     """The text the model sees, trained tokens told apart from masked ones, with counts and truncation.
 
     Trained text is green (color) or wrapped in `[[...]]`; masked text is dim or plain.
@@ -491,7 +508,7 @@ def listed(sources: list[str]) -> str:
 
 
 def inspect_examples(
-    cfg: Config, tokenizer: Any, n: int = 3, index: int | None = None, color: bool = False
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, n: int = 3, index: int | None = None, color: bool = False
 ) -> str:
     """Examples as the model sees them: trained text marked, each headed by its source and token counts.
 

@@ -13,7 +13,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewise.config import Config, load_config
 from tunewise.errors import ConfigError, ModelError
@@ -61,10 +64,8 @@ def _adapter_dir(run_dir: Path) -> Path:
     )
 
 
-def load_unquantized_base(cfg: Config, dtype: Dtype) -> Any:
+def load_unquantized_base(cfg: Config, dtype: Dtype) -> PreTrainedModel:
     """The base model in `dtype` with no quantization, whatever the run's method was."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(cfg.model.name),
         dtype=torch_dtype(dtype),
@@ -83,9 +84,6 @@ def merge_adapter(run_dir: Path, out_dir: Path, dtype: Dtype = "fp32") -> MergeR
     Raises:
         ConfigError: run_dir is not a run directory. ModelError: there is no adapter to merge.
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = _run_config(run_dir)
     adapter = _adapter_dir(run_dir)
@@ -118,7 +116,7 @@ def merge_adapter(run_dir: Path, out_dir: Path, dtype: Dtype = "fp32") -> MergeR
     return result
 
 
-def _set_pad(model: Any, tokenizer: Any) -> None:
+def _set_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Record the tokenizer's pad id so generation with the merged model needs no extra arguments."""
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

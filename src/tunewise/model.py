@@ -15,11 +15,24 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from tunewise.config import EMBEDDED_MODEL, Config
 from tunewise.errors import ModelError
@@ -159,8 +172,6 @@ def fetch_embedded_gguf(target: Path) -> Path:
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Convert a GGUF file to a safetensors model directory (de-quantized to fp32), once."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if (out_dir / "config.json").is_file():
         return out_dir
     logger.info("converting %s to safetensors in %s (once)", gguf, out_dir)
@@ -206,10 +217,8 @@ def resolve_model_path(name: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(cfg: Config) -> Any:
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The tokenizer of the configured model."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(cfg.model.name)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
@@ -223,9 +232,8 @@ def load_tokenizer(cfg: Config) -> Any:
 # ----------------------------------------------------------------------------- 4-bit layers
 
 BNB_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (Params4bit), the one transformers' NF4 uses
-CPU_PACK_ROWS = (
-    32  # rows per block of bitsandbytes' AVX512-BF16 CPU layout (`_convert_weight_packed_for_cpu`)
-)
+# rows per block of bitsandbytes' AVX512-BF16 CPU layout (`_convert_weight_packed_for_cpu`)
+CPU_PACK_ROWS = 32
 
 
 @dataclass
@@ -234,9 +242,8 @@ class QuantizedLayers:
 
     backend: str  # e.g. "cpu-avx512bf16"
     rule: str  # what the backend needs, in words
-    skipped: list[
-        str
-    ]  # module patterns left in full precision (transformers' defaults + model.keep_unquantized)
+    # module patterns left in full precision (transformers' defaults + model.keep_unquantized)
+    skipped: list[str]
     quantized: int  # linear layers that become 4-bit
     unsupported: list[tuple[str, int, int]]  # (module name, in_features, out_features)
 
@@ -252,7 +259,7 @@ class QuantizedLayers:
         )
 
 
-def four_bit_backend(device: str) -> tuple[str, Any] | None:
+def four_bit_backend(device: str) -> tuple[str, Callable[[int, int], bool]] | None:
     """The active bitsandbytes 4-bit backend that has shape limits, and a test of a layer's shape.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for inference (evaluation,
@@ -269,11 +276,8 @@ def four_bit_backend(device: str) -> tuple[str, Any] | None:
     return rule, lambda n_in, n_out: n_in % BNB_BLOCKSIZE == 0 and n_out % CPU_PACK_ROWS == 0
 
 
-def _skeleton(cfg: Config) -> Any:
+def _skeleton(cfg: Config) -> PreTrainedModel:
     """The model built on the meta device from its config: module names and shapes, no weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = resolve_model_path(cfg.model.name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
@@ -283,10 +287,8 @@ def _skeleton(cfg: Config) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def _unquantized_patterns(cfg: Config, skeleton: Any) -> list[str]:
+def _unquantized_patterns(cfg: Config, skeleton: PreTrainedModel) -> list[str]:
     """Module patterns left in full precision: transformers' own defaults plus `model.keep_unquantized`."""
-    from transformers.quantizers.base import get_keys_to_not_convert
-
     return sorted({*get_keys_to_not_convert(skeleton), *cfg.model.keep_unquantized})
 
 
@@ -299,8 +301,6 @@ def quantized_layers(cfg: Config, device: str) -> QuantizedLayers | None:
     backend = four_bit_backend(device)
     if cfg.model.method != "qlora" or backend is None:
         return None
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     rule, accepts = backend
     skeleton = _skeleton(cfg)
     skipped = _unquantized_patterns(cfg, skeleton)
@@ -313,9 +313,7 @@ def quantized_layers(cfg: Config, device: str) -> QuantizedLayers | None:
     return QuantizedLayers("cpu-avx512bf16", rule, skipped, len(layers), bad)
 
 
-def _quantization_config(cfg: Config, hw: Hardware) -> Any:
-    from transformers import BitsAndBytesConfig
-
+def _quantization_config(cfg: Config, hw: Hardware) -> BitsAndBytesConfig:
     skip = None
     if cfg.model.keep_unquantized:
         skip = _unquantized_patterns(cfg, _skeleton(cfg))
@@ -328,10 +326,8 @@ def _quantization_config(cfg: Config, hw: Hardware) -> Any:
     )
 
 
-def load_base_model(cfg: Config, hw: Hardware) -> Any:
+def load_base_model(cfg: Config, hw: Hardware) -> PreTrainedModel:
     """The base model at the method's precision: 4-bit NF4 for qlora, the compute dtype otherwise."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(cfg.model.name)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.method == "qlora":
@@ -354,10 +350,8 @@ def load_base_model(cfg: Config, hw: Hardware) -> Any:
         ) from None
 
 
-def apply_method(model: Any, cfg: Config) -> Any:
+def apply_method(model: PreTrainedModel, cfg: Config) -> PreTrainedModel | PeftModel:
     """Prepare the base for its method: k-bit preparation and LoRA, or all weights trainable."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     checkpointing = bool(
         cfg.training.get("gradient_checkpointing") or cfg.training.get("activation_checkpointing")
     )
@@ -381,7 +375,7 @@ def apply_method(model: Any, cfg: Config) -> Any:
     return model
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical number of values."""
     trainable = total = 0
     for p in model.parameters():
@@ -394,7 +388,9 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def load_model(cfg: Config, hw: Hardware, tokenizer: Any, pad_added: bool = False) -> Any:
+def load_model(
+    cfg: Config, hw: Hardware, tokenizer: PreTrainedTokenizerBase, pad_added: bool = False
+) -> PreTrainedModel | PeftModel:
     """Load the base and apply the method; resizes embeddings when the tokenizer gained a pad token."""
     model = load_base_model(cfg, hw)
     if pad_added:

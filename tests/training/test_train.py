@@ -21,7 +21,7 @@ REPO = Path(__file__).parents[2]
 
 
 def _complete(run_dir: Path, saved: str) -> None:
-    """The run directory of DESIGN.md is all there."""
+    """The run directory of docs/architecture.md is all there."""
     for name in ["config.yaml", "plan.json", "metrics.jsonl", "result.json", saved]:
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
