@@ -52,6 +52,10 @@ class ModelConfig:
         "auto", "auto: bf16 if supported, fp16 on CUDA, else fp32"
     )
     trust_remote_code: bool = setting(False, "allow custom modelling code from the model repository")
+    allow_pickle: bool = setting(
+        False,
+        "also load weights from pickle files (.bin/.pt) when there are no safetensors; a pickle can run code",
+    )
     keep_unquantized: list[str] = setting(
         [], "qlora: module names left in full precision besides the output layer, e.g. [down_proj]"
     )
@@ -620,7 +624,24 @@ def build_config(
     _check_training_arguments(cfg, explicit, None, problems)
     if problems.items:
         raise ConfigError(problems.items)
+    cfg.notices.extend(_trust_notices(cfg, problems))
     return cfg
+
+
+def _trust_notices(cfg: Config, problems: _Problems) -> list[str]:
+    """A notice for each setting that lets the model's files run code on this machine."""
+    notices = []
+    if cfg.model.trust_remote_code:
+        notices.append(
+            f"{problems.where(('model', 'trust_remote_code'))} is on: Python code shipped with "
+            f"`{cfg.model.name}` will run on this machine; turn it off unless you trust its authors"
+        )
+    if cfg.model.allow_pickle:
+        notices.append(
+            f"{problems.where(('model', 'allow_pickle'))} is on: weights may load from pickle files, "
+            "which can run code; prefer a model saved as safetensors"
+        )
+    return notices
 
 
 def _check_text(data: dict[str, Any], problems: _Problems) -> None:
