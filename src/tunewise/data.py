@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tunewise.config import Config, DataConfig
 from tunewise.errors import ConfigError, DataError
 from tunewise.formats import TEXT_ROLE, RowProblem, load_file, problem_lines
+from tunewise.task import bundled_data_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -334,8 +335,6 @@ def data_paths(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
             Path(cfg.validation) if cfg.validation else None,
             Path(cfg.test) if cfg.test else None,
         )
-    from tunewise.task import bundled_data_dir
-
     bundled = bundled_data_dir()
     validation = Path(cfg.validation) if cfg.validation else None
     if validation is None and cfg.validation_split is None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from tunewise.config import Config
 from tunewise.data import DataBundle, build_datasets, ensure_pad_token
-from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware, resolve_model_path
 
 GIB = 1024**3
 
@@ -90,11 +91,6 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 def _model_shape(cfg: Config) -> dict[str, int] | None:
     """Parameter counts by kind, from the model's config alone (meta device: no weights are read)."""
     try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from tunewise.model import resolve_model_path
-
         mconf = AutoConfig.from_pretrained(
             resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
         )
@@ -102,8 +98,6 @@ def _model_shape(cfg: Config) -> dict[str, int] | None:
             model = AutoModelForCausalLM.from_config(mconf)
     except Exception:  # an unreachable hub id: plan still reports steps
         return None
-    import torch
-
     linear = other = lora = 0
     output = model.get_output_embeddings()
     for module in model.modules():
