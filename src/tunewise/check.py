@@ -20,7 +20,7 @@ import torch
 
 from tunewise.config import DEFAULT_LR, Config
 from tunewise.data import DataBundle, EncodedExample, encode_conversation, listed
-from tunewise.doctor.advice import HIGH_LR, LOW_LR, TYPICAL_LR
+from tunewise.doctor.advice import HIGH_LR, LOW_LR, TYPICAL_LR, memory_fixes
 from tunewise.errors import DataError
 from tunewise.formats import load_conversations
 from tunewise.model import cpu_supports_bf16
@@ -569,19 +569,14 @@ def _memory_item(cfg: Config, mem: dict | None) -> CheckItem:
     status: Status = "FAIL" if share > 90 else "WARN" if share > 75 else "PASS"
     fix = None
     if status != "PASS":
-        batch = cfg.training["per_device_train_batch_size"]
-        accumulation = cfg.training["gradient_accumulation_steps"]
-        if not cfg.training.get("gradient_checkpointing"):
-            fix = "training.gradient_checkpointing=true"
-        elif cfg.model.method != "qlora":
-            fix = "model.method=qlora"
-        elif batch > 1:
-            fix = (
-                f"training.per_device_train_batch_size={batch // 2} "
-                f"training.gradient_accumulation_steps={accumulation * 2}"
-            )
-        else:
-            fix = f"data.max_seq_length={max(cfg.data.max_seq_length // 2, 8)}"
+        t = cfg.training
+        fix = memory_fixes(
+            cfg.model.method,
+            bool(t.get("gradient_checkpointing")),
+            t["per_device_train_batch_size"],
+            t["gradient_accumulation_steps"],
+            cfg.data.max_seq_length,
+        )[0].change
     return _item("memory", status, detail, numbers, fix)
 
 

@@ -17,7 +17,6 @@ curves.png (every trial's curves) and best.yaml (the winner's resolved config, f
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import itertools
 import json
@@ -332,7 +331,11 @@ def run_jobs(
     if not jobs:
         return
     if spec.backend == "ray":
-        _run_ray(jobs, spec, on_start, on_done)
+        try:
+            from tunewise.sweep_ray import run_ray  # Ray is optional: only this backend needs it
+        except ImportError:
+            raise ConfigError(["--backend ray needs Ray Tune: pip install 'tunewise[ray]'"]) from None
+        run_ray(jobs, spec, on_start, on_done)
         return
 
     def work(index: int) -> dict[str, Any]:
@@ -343,78 +346,6 @@ def run_jobs(
         futures = {pool.submit(work, i): i for i in range(len(jobs))}
         for future in concurrent.futures.as_completed(futures):
             on_done(futures[future], future.result())
-
-
-def _run_ray(
-    jobs: list[TrialJob],
-    spec: SweepSpec,
-    on_start: Callable[[int], None],
-    on_done: Callable[[int, dict[str, Any]], None],
-) -> None:
-    """The same trial function as Ray Tune trials, on the cluster at `spec.ray_address` or a local Ray.
-
-    One Tune trial per job (a grid over the job index), each holding `spec.ray_resources`; Tune's own
-    records go to `<sweep dir>/ray/`. On a multi-machine cluster the sweep directory and this Python
-    environment must be at the same paths on every node (a shared filesystem).
-    """
-    try:
-        import ray
-        from ray import tune
-    except ImportError:
-        raise ConfigError(["--backend ray needs Ray Tune: pip install 'tunewise[ray]'"]) from None
-    if not ray.is_initialized():
-        ray.init(
-            address=spec.ray_address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False
-        )
-    sweep_dir = Path(jobs[0].run_dir).resolve().parent
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_tune_trial, jobs=jobs), dict(spec.ray_resources)),
-        param_space={"job": tune.grid_search(list(range(len(jobs))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.workers if spec.workers > 1 else None),
-        run_config=tune.RunConfig(
-            name=f"advance-{int(time.time() * 1000)}",
-            storage_path=str(sweep_dir / "ray"),
-            callbacks=[_tune_reporter(on_start, on_done)],
-            verbose=0,
-        ),
-    )
-    with contextlib.redirect_stdout(sys.stderr):  # Tune prints its tables; stdout is for `sweep --json`
-        tuner.fit()
-
-
-def _tune_trial(config: dict[str, Any], jobs: list[TrialJob]) -> dict[str, Any]:
-    """A Tune function trainable: run the job's `tunewise train` process; its outcome is the final result."""
-    return run_trial(jobs[config["job"]])
-
-
-def _tune_reporter(on_start: Callable[[int], None], on_done: Callable[[int, dict[str, Any]], None]) -> Any:
-    """A Tune callback (runs in this process) that reports trials starting and ending to the sweep."""
-    from ray.tune import Callback
-
-    class Reporter(Callback):
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            on_start(trial.config["job"])
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            result = trial.last_result or {}
-            on_done(
-                trial.config["job"],
-                {k: result.get(k) for k in ("run_dir", "returncode", "wrote_result", "seconds")},
-            )
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            # the Ray worker itself died (node lost, killed): the trial's own files say what they can
-            on_done(
-                trial.config["job"],
-                {
-                    "returncode": -1,
-                    "wrote_result": False,
-                    "seconds": None,
-                    "error": "the Ray worker running this trial failed",
-                },
-            )
-
-    return Reporter()
 
 
 # ----------------------------------------------------------------------------- reading a trial back

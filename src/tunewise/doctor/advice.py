@@ -187,8 +187,32 @@ def overfit_advice(method: str | None, best_eval_epoch: float | None) -> Advice:
     return rank_advice(items)
 
 
+def memory_fixes(
+    method: str, checkpointing: bool, batch: int, accumulation: int, max_seq_length: int
+) -> list[Fix]:
+    """What lowers a run's peak memory, the cheapest first: gradient checkpointing, 4-bit weights, half
+    the batch (twice the accumulation: the same effective batch), half the sequence length."""
+    fixes = []
+    if not checkpointing:
+        fixes.append(
+            Fix("training.gradient_checkpointing=true", "recompute activations instead of keeping them")
+        )
+    if method != "qlora":
+        fixes.append(Fix("model.method=qlora", "4-bit base weights"))
+    if batch > 1:
+        fixes.append(
+            Fix(
+                f"training.per_device_train_batch_size={batch // 2} "
+                f"training.gradient_accumulation_steps={accumulation * 2}",
+                "half the micro-batch, the same effective batch",
+            )
+        )
+    fixes.append(Fix(f"data.max_seq_length={max(max_seq_length // 2, 8)}", "shorter sequences"))
+    return fixes
+
+
 def memory_advice() -> Advice:
-    """Causes and fixes of memory near the device's limit."""
+    """Causes of memory near the device's limit (the live rule knows no config to spell fixes with)."""
     return ["batch or sequence length too large for this device"], []
 
 
