@@ -33,9 +33,16 @@ def make_model_dir(directory: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -47,8 +54,9 @@ def time_tunewise(model_dir: Path, train: Path, out: Path) -> dict:
     from tunewise.data import build_datasets, ensure_pad_token
     from tunewise.model import load_tokenizer
 
-    cfg = load_config(None, [f"model.name={model_dir}", "model.method=lora", f"data.train={train}",
-                             f"output_dir={out}"])
+    cfg = load_config(
+        None, [f"model.name={model_dir}", "model.method=lora", f"data.train={train}", f"output_dir={out}"]
+    )
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
     ensure_pad_token(tokenizer)
@@ -58,8 +66,12 @@ def time_tunewise(model_dir: Path, train: Path, out: Path) -> dict:
     report = run_check(cfg)
     check_s = time.perf_counter() - start
     # run_check builds the data itself (the same work as build_datasets) and then runs every item.
-    return {"build_datasets_s": round(build_s, 2), "run_check_s": round(check_s, 2),
-            "examples": len(bundle.train), "counts": report.counts()}
+    return {
+        "build_datasets_s": round(build_s, 2),
+        "run_check_s": round(check_s, 2),
+        "examples": len(bundle.train),
+        "counts": report.counts(),
+    }
 
 
 def time_trl(model_dir: Path, rows: list[dict], out: Path) -> dict:
@@ -72,13 +84,24 @@ def time_trl(model_dir: Path, rows: list[dict], out: Path) -> dict:
     dataset = Dataset.from_list(pairs)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = SFTConfig(output_dir=str(out), completion_only_loss=True, dataset_num_proc=1, max_length=512,
-                     report_to=[], use_cpu=True, save_strategy="no")
+    args = SFTConfig(
+        output_dir=str(out),
+        completion_only_loss=True,
+        dataset_num_proc=1,
+        max_length=512,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     start = time.perf_counter()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     seconds = time.perf_counter() - start
-    return {"sft_trainer_init_s": round(seconds, 2), "examples": len(trainer.train_dataset),
-            "version": trl.__version__, "completion_only_loss": True}
+    return {
+        "sft_trainer_init_s": round(seconds, 2),
+        "examples": len(trainer.train_dataset),
+        "version": trl.__version__,
+        "completion_only_loss": True,
+    }
 
 
 def main() -> int:
@@ -97,17 +120,27 @@ def main() -> int:
         tunewise_numbers = time_tunewise(model_dir, train, tmp_path / "runs")
         trl_numbers = time_trl(model_dir, rows, tmp_path / "trl")
     ratio = tunewise_numbers["run_check_s"] / trl_numbers["sft_trainer_init_s"]
-    result = {"examples": args.n, "tunewise": tunewise_numbers, "trl": trl_numbers,
-              "ratio_run_check_to_trl": round(ratio, 2),
-              "ratio_build_datasets_to_trl": round(tunewise_numbers["build_datasets_s"]
-                                                   / trl_numbers["sft_trainer_init_s"], 2),
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                          "processor": platform.processor() or platform.machine()}}
+    result = {
+        "examples": args.n,
+        "tunewise": tunewise_numbers,
+        "trl": trl_numbers,
+        "ratio_run_check_to_trl": round(ratio, 2),
+        "ratio_build_datasets_to_trl": round(
+            tunewise_numbers["build_datasets_s"] / trl_numbers["sft_trainer_init_s"], 2
+        ),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+        },
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{args.n} examples: tunewise build_datasets {tunewise_numbers['build_datasets_s']} s, "
-          f"run_check {tunewise_numbers['run_check_s']} s; "
-          f"TRL SFTTrainer init {trl_numbers['sft_trainer_init_s']} s; run_check / TRL = {ratio:.2f}")
+    print(
+        f"{args.n} examples: tunewise build_datasets {tunewise_numbers['build_datasets_s']} s, "
+        f"run_check {tunewise_numbers['run_check_s']} s; "
+        f"TRL SFTTrainer init {trl_numbers['sft_trainer_init_s']} s; run_check / TRL = {ratio:.2f}"
+    )
     print(f"wrote {RESULTS}")
     return 0
 

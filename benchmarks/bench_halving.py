@@ -49,23 +49,39 @@ def base_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
     rows = (bundled_data_dir() / "validation.jsonl").read_text().splitlines()[: args.val_rows]
     validation = workdir / "validation.jsonl"
     validation.write_text("\n".join(rows) + "\n")
-    return ["model.name=smollm2-135m-instruct", "model.method=lora", "training.gradient_checkpointing=false",
-            f"training.per_device_train_batch_size={args.batch}", "training.gradient_accumulation_steps=1",
-            f"training.per_device_eval_batch_size={args.val_rows}", f"data.validation={validation}",
-            f"output_dir={workdir}"]
+    return [
+        "model.name=smollm2-135m-instruct",
+        "model.method=lora",
+        "training.gradient_checkpointing=false",
+        f"training.per_device_train_batch_size={args.batch}",
+        "training.gradient_accumulation_steps=1",
+        f"training.per_device_eval_batch_size={args.val_rows}",
+        f"data.validation={validation}",
+        f"output_dir={workdir}",
+    ]
 
 
 def run_one(strategy: str, args: argparse.Namespace, overrides: list[str]) -> dict:
     from tunewise.sweep import SweepSpec, parse_grid, run_sweep
 
-    spec = SweepSpec(overrides=overrides, grid=parse_grid(args.grid), max_steps=args.steps,
-                     strategy=strategy, eta=args.eta, workers=args.workers, name=f"bench-{strategy}")
+    spec = SweepSpec(
+        overrides=overrides,
+        grid=parse_grid(args.grid),
+        max_steps=args.steps,
+        strategy=strategy,
+        eta=args.eta,
+        workers=args.workers,
+        name=f"bench-{strategy}",
+    )
 
     def report(event: str, trial) -> None:
         if event == "end":
             last = max(trial.evals) if trial.evals else None
-            print(f"  [{strategy}] {trial.name}: {trial.status} step {trial.global_step} "
-                  f"val {trial.evals.get(last)} ({trial.seconds:.0f}s)", flush=True)
+            print(
+                f"  [{strategy}] {trial.name}: {trial.status} step {trial.global_step} "
+                f"val {trial.evals.get(last)} ({trial.seconds:.0f}s)",
+                flush=True,
+            )
 
     started = time.time()
     result = run_sweep(spec, on_trial=report)
@@ -78,9 +94,18 @@ def run_one(strategy: str, args: argparse.Namespace, overrides: list[str]) -> di
         "winner": dict(winner.params) if winner else None,
         "winner_val_loss": winner.val_loss if winner else None,
         "winner_step": winner.rank_step if winner else None,
-        "trials": [{"params": t.params, "status": t.status, "steps": t.steps_spent, "val_loss": t.val_loss,
-                    "at_step": t.rank_step, "evals": {str(k): v for k, v in t.evals.items()},
-                    "seconds": t.seconds} for t in result.trials],
+        "trials": [
+            {
+                "params": t.params,
+                "status": t.status,
+                "steps": t.steps_spent,
+                "val_loss": t.val_loss,
+                "at_step": t.rank_step,
+                "evals": {str(k): v for k, v in t.evals.items()},
+                "seconds": t.seconds,
+            }
+            for t in result.trials
+        ],
         "sweep_dir": str(result.sweep_dir),
     }
 
@@ -114,11 +139,22 @@ def main() -> None:
     results = {strategy: run_one(strategy, args, overrides) for strategy in ("grid", "halving")}
     summary = compare(results["grid"], results["halving"])
     data = {
-        "scale": {"steps": args.steps, "grid": args.grid, "batch": args.batch, "gradient_accumulation": 1,
-                  "val_rows": args.val_rows, "eta": args.eta, "workers": args.workers,
-                  "model": "smollm2-135m-instruct (LoRA, fp32, CPU)", "data": "bundled, 800 train"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "scale": {
+            "steps": args.steps,
+            "grid": args.grid,
+            "batch": args.batch,
+            "gradient_accumulation": 1,
+            "val_rows": args.val_rows,
+            "eta": args.eta,
+            "workers": args.workers,
+            "model": "smollm2-135m-instruct (LoRA, fp32, CPU)",
+            "data": "bundled, 800 train",
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
         **summary,
         "note": args.note,
         "grid": results["grid"],
@@ -130,8 +166,10 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     for strategy in ("grid", "halving"):
         r = results[strategy]
-        print(f"{strategy}: best {r['winner']} val {r['winner_val_loss']} at step {r['winner_step']}; "
-              f"{r['total_steps']} optimizer steps; {r['trial_seconds']}s in trials")
+        print(
+            f"{strategy}: best {r['winner']} val {r['winner_val_loss']} at step {r['winner_step']}; "
+            f"{r['total_steps']} optimizer steps; {r['trial_seconds']}s in trials"
+        )
     print(f"wrote {out}")
 
 

@@ -44,8 +44,11 @@ def main() -> int:
         started = time.perf_counter()
         found = find_learning_rate(load_config(DEMO_CONFIG, overrides), start=1e-7, end=1.0, steps=100)
         find_s = time.perf_counter() - started
-        print(f"lr-find: {len(found.lrs)} steps in {find_s:.0f} s; suggestion {found.suggestion} "
-              f"({found.rule}); caution: {found.caution}", file=sys.stderr)
+        print(
+            f"lr-find: {len(found.lrs)} steps in {find_s:.0f} s; suggestion {found.suggestion} "
+            f"({found.rule}); caution: {found.caution}",
+            file=sys.stderr,
+        )
         shutil.copy(found.out_dir / "lr_find.png", RESULTS / "lr_find.png")
         curve = {"lrs": found.lrs, "losses": found.losses, "smoothed": found.smoothed}
         if found.suggestion is None:
@@ -55,22 +58,38 @@ def main() -> int:
         run = train(load_config(DEMO_CONFIG, [*overrides, found.sweep_override(), "name=lr-find-check"]))
         train_s = time.perf_counter() - started
         diagnosis = diagnose_path(run.run_dir)
-        findings = [{"step": f.step, "severity": f.severity, "code": f.code, "title": f.title}
-                    for f in diagnosis.findings]
+        findings = [
+            {"step": f.step, "severity": f.severity, "code": f.code, "title": f.title}
+            for f in diagnosis.findings
+        ]
         metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         train_loss = [(m["step"], m["loss"]) for m in metrics if m.get("type") == "train"]
         eval_loss = [(m["step"], m["eval_loss"]) for m in metrics if m.get("type") == "eval"]
     result = {
         "model": "SmolLM2-135M-Instruct (embedded), LoRA r 8 all-linear, demo config",
         "batch": "8 examples per step, no accumulation (both halves)",
-        "lr_find": {"steps": len(found.lrs), "seconds": round(find_s), "stop_reason": found.stop_reason,
-                    "minimum": found.minimum, "steepest": found.steepest, "suggestion": found.suggestion,
-                    "rule": found.rule, "caution": found.caution, "plot": "benchmarks/results/lr_find.png",
-                    "curve": curve},
+        "lr_find": {
+            "steps": len(found.lrs),
+            "seconds": round(find_s),
+            "stop_reason": found.stop_reason,
+            "minimum": found.minimum,
+            "steepest": found.steepest,
+            "suggestion": found.suggestion,
+            "rule": found.rule,
+            "caution": found.caution,
+            "plot": "benchmarks/results/lr_find.png",
+            "curve": curve,
+        },
         "train_at_suggestion": {
-            "override": found.sweep_override(), "status": run.status, "steps": run.global_step,
-            "seconds": round(train_s), "first_loss": train_loss[0][1], "last_loss": train_loss[-1][1],
-            "eval_loss": eval_loss, "doctor_verdict": diagnosis.verdict, "findings": findings,
+            "override": found.sweep_override(),
+            "status": run.status,
+            "steps": run.global_step,
+            "seconds": round(train_s),
+            "first_loss": train_loss[0][1],
+            "last_loss": train_loss[-1][1],
+            "eval_loss": eval_loss,
+            "doctor_verdict": diagnosis.verdict,
+            "findings": findings,
             "warnings_or_errors": sum(f["severity"] in ("warning", "error") for f in findings),
         },
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},

@@ -56,9 +56,17 @@ def make_model_dir(directory: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -79,6 +87,7 @@ class Clock:
                 return fn(*args, **kwargs)
             finally:
                 self.inside += time.perf_counter() - start
+
         return timed
 
 
@@ -114,15 +123,33 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
 
     model = load_benchmark_model(cfg, tokenizer, pad_added)
     lr = float(cfg.training["learning_rate"])
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=1, learning_rate=lr, optim="adamw_torch",
-                             max_grad_norm=0.3, logging_steps=10_000, save_strategy="no", eval_strategy="no",
-                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                             remove_unused_columns=False, dataloader_pin_memory=False)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=lr,
+        optim="adamw_torch",
+        max_grad_norm=0.3,
+        logging_steps=10_000,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
     kind = Trainer if mode == "plain" else WatchedTrainer
     collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
-    trainer = kind(model=model, args=args, train_dataset=bundle.to_hf("train"), data_collator=collator,
-                   processing_class=tokenizer)
+    trainer = kind(
+        model=model,
+        args=args,
+        train_dataset=bundle.to_hf("train"),
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
     clock = Clock()
     watched = set(range(1, steps + 1)) if mode == "monitored" else set()
     if mode == "interleaved":
@@ -131,8 +158,11 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
     if mode != "plain":
         run_dir = out / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        monitor = StepMonitor(trainer, run_dir, CurveWatcher(method=cfg.model.method, learning_rate=lr,
-                                                             max_grad_norm=0.3, total_steps=steps))
+        monitor = StepMonitor(
+            trainer,
+            run_dir,
+            CurveWatcher(method=cfg.model.method, learning_rate=lr, max_grad_norm=0.3, total_steps=steps),
+        )
         in_step = lambda: trainer.state.global_step + 1 in watched  # noqa: E731 (before the step's end)
         after_step = lambda: trainer.state.global_step in watched  # noqa: E731 (at the step's end)
         for name, active in (("on_pre_optimizer_step", in_step), ("on_step_end", after_step)):
@@ -150,17 +180,24 @@ def one_run(cfg, bundle, tokenizer, pad_added: bool, out: Path, steps: int, mode
         recorded = sorted(json.loads(line)["step"] for line in lines if '"train"' in line)
         assert recorded == sorted(watched), (recorded, sorted(watched))
     measured = range(SKIP + 2, len(ends) + 1)  # step s took ends[s-1] - ends[s-2]
-    return {"step_times": {s: ends[s - 1][0] - ends[s - 2][0] for s in measured},
-            "cpu_times": {s: ends[s - 1][1] - ends[s - 2][1] for s in measured},
-            "watched": sorted(watched), "monitor_s": clock.inside, "total_s": total, "steps": len(ends),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "step_times": {s: ends[s - 1][0] - ends[s - 2][0] for s in measured},
+        "cpu_times": {s: ends[s - 1][1] - ends[s - 2][1] for s in measured},
+        "watched": sorted(watched),
+        "monitor_s": clock.inside,
+        "total_s": total,
+        "steps": len(ends),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def _switch(active, watched, plain=lambda *args, **kwargs: None):
     """Call `watched` while `active()` (a monitored step), else `plain` (by default: do nothing)."""
+
     def run(*args, **kwargs):
         return (watched if active() else plain)(*args, **kwargs)
+
     return run
 
 
@@ -188,6 +225,7 @@ def _time_watched_hooks(trainer, clock: Clock, active) -> None:
                 return outer(*args, **kwargs)
             finally:
                 clock.inside += (time.perf_counter() - start) - (inner.inside - before_inner)
+
         return run
 
     # The Trainer's methods are timed on the class while this trainer runs; main() puts them back after.
@@ -197,10 +235,16 @@ def _time_watched_hooks(trainer, clock: Clock, active) -> None:
 
 
 MODELS = {
-    "smollm2": {"method": "lora", "learning_rate": 4e-4,
-                "describe": "SmolLM2-135M-Instruct (embedded), LoRA r 8 all-linear"},
-    "tiny": {"method": "full", "learning_rate": 1e-4,
-             "describe": "4-layer Llama (hidden 256, SmolLM2 tokenizer), full fine-tuning"},
+    "smollm2": {
+        "method": "lora",
+        "learning_rate": 4e-4,
+        "describe": "SmolLM2-135M-Instruct (embedded), LoRA r 8 all-linear",
+    },
+    "tiny": {
+        "method": "full",
+        "learning_rate": 1e-4,
+        "describe": "4-layer Llama (hidden 256, SmolLM2 tokenizer), full fine-tuning",
+    },
 }
 
 
@@ -210,6 +254,7 @@ def _pct(part: float, whole: float) -> float:
 
 def abba_summary(runs: list[tuple[str, dict]]) -> dict:
     """Whole runs with and without the monitor: medians, and the overhead of each adjacent pair."""
+
     def median(kind: str, key: str) -> float:
         return statistics.median(t for k, r in runs if k == kind for t in r[key].values())
 
@@ -223,10 +268,14 @@ def abba_summary(runs: list[tuple[str, dict]]) -> dict:
 
     plain, watched = median("plain", "step_times"), median("monitored", "step_times")
     plain_cpu, watched_cpu = median("plain", "cpu_times"), median("monitored", "cpu_times")
-    return {"plain_median_step_s": round(plain, 4), "monitored_median_step_s": round(watched, 4),
-            "overhead_pct": _pct(watched - plain, plain), "paired_overheads_pct": paired("step_times"),
-            "overhead_pct_cpu": _pct(watched_cpu - plain_cpu, plain_cpu),
-            "paired_overheads_cpu_pct": paired("cpu_times")}
+    return {
+        "plain_median_step_s": round(plain, 4),
+        "monitored_median_step_s": round(watched, 4),
+        "overhead_pct": _pct(watched - plain, plain),
+        "paired_overheads_pct": paired("step_times"),
+        "overhead_pct_cpu": _pct(watched_cpu - plain_cpu, plain_cpu),
+        "paired_overheads_cpu_pct": paired("cpu_times"),
+    }
 
 
 def interleaved_summary(runs: list[tuple[str, dict]]) -> dict:
@@ -248,8 +297,10 @@ def interleaved_summary(runs: list[tuple[str, dict]]) -> dict:
         half_width = 1.96 * statistics.stdev(d) / len(d) ** 0.5
         out[f"plain_mean_step{label}_s"] = round(base, 4)
         out[f"overhead{label}_pct"] = _pct(statistics.fmean(d), base)
-        out[f"overhead{label}_pct_ci95"] = [_pct(statistics.fmean(d) - half_width, base),
-                                           _pct(statistics.fmean(d) + half_width, base)]
+        out[f"overhead{label}_pct_ci95"] = [
+            _pct(statistics.fmean(d) - half_width, base),
+            _pct(statistics.fmean(d) + half_width, base),
+        ]
         out[f"overhead{label}_pct_median_pair"] = _pct(statistics.median(d), statistics.median(plain[key]))
     return out
 
@@ -259,8 +310,12 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--design", choices=["interleaved", "abba"], default="interleaved")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="interleaved: runs; abba: rounds of 4 runs (plain, monitored, monitored, plain)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved: runs; abba: rounds of 4 runs (plain, monitored, monitored, plain)",
+    )
     opts = parser.parse_args()
 
     import torch
@@ -279,10 +334,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         name = str(make_model_dir(tmp / "model")) if opts.model == "tiny" else "smollm2-135m-instruct"
-        cfg = load_config(None, [f"model.name={name}", f"model.method={spec['method']}",
-                                 f"training.learning_rate={spec['learning_rate']}",
-                                 "adapter.target_modules=all-linear", "training.gradient_checkpointing=false",
-                                 f"data.train={bundled_data_dir() / 'train.jsonl'}", f"output_dir={tmp}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.name={name}",
+                f"model.method={spec['method']}",
+                f"training.learning_rate={spec['learning_rate']}",
+                "adapter.target_modules=all-linear",
+                "training.gradient_checkpointing=false",
+                f"data.train={bundled_data_dir() / 'train.jsonl'}",
+                f"output_dir={tmp}",
+            ],
+        )
         tokenizer = load_tokenizer(cfg)
         pad_added = ensure_pad_token(tokenizer)
         bundle = build_datasets(cfg.data, tokenizer)
@@ -298,17 +361,27 @@ def main() -> int:
     summary = interleaved_summary(runs) if opts.design == "interleaved" else abba_summary(runs)
     typical = statistics.median(t for _, r in runs for t in r["step_times"].values())
     entry = {
-        "model": {"describe": spec["describe"], "parameters": runs[0][1]["parameters"],
-                  "trainable": runs[0][1]["trainable"], "method": spec["method"]},
+        "model": {
+            "describe": spec["describe"],
+            "parameters": runs[0][1]["parameters"],
+            "trainable": runs[0][1]["trainable"],
+            "method": spec["method"],
+        },
         "batch": "4 examples per step, bundled contacts data (~80 tokens per example)",
-        "steps_per_run": opts.steps, "runs": len(order), "skipped_first_steps": SKIP,
+        "steps_per_run": opts.steps,
+        "runs": len(order),
+        "skipped_first_steps": SKIP,
         **summary,
         "monitor_time_per_step_s": round(monitor_per_step, 6),
         "overhead_pct_direct": round(100 * monitor_per_step / typical, 3),
         "goal_pct": 2.0,
         "torch_threads": torch.get_num_threads(),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "processor": platform.machine(), "load_average": os.getloadavg()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "processor": platform.machine(),
+            "load_average": os.getloadavg(),
+        },
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if "model" in results:  # the old single-model layout

@@ -30,8 +30,9 @@ NO_EOT_TEMPLATE = (
 )
 
 
-def _overrides(model_dir: Path, tmp_path: Path, data: dict[str, Path] | None = None,
-               *extra: str) -> list[str]:
+def _overrides(
+    model_dir: Path, tmp_path: Path, data: dict[str, Path] | None = None, *extra: str
+) -> list[str]:
     out = [f"model.name={model_dir}", "model.method=lora", f"output_dir={tmp_path / 'runs'}"]
     if data:
         out += [f"data.train={data['train']}", f"data.validation={data['validation']}"]
@@ -39,9 +40,13 @@ def _overrides(model_dir: Path, tmp_path: Path, data: dict[str, Path] | None = N
 
 
 def _broken(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [f"model.name={model_dir}", f"output_dir={tmp_path / 'runs'}",
-            f"data.train={REPO / 'examples/broken/train.jsonl'}",
-            f"data.validation={REPO / 'examples/broken/validation.jsonl'}", *extra]
+    return [
+        f"model.name={model_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"data.train={REPO / 'examples/broken/train.jsonl'}",
+        f"data.validation={REPO / 'examples/broken/validation.jsonl'}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +62,18 @@ def broken_report(tiny_model_dir, tmp_path_factory) -> CheckReport:
 def test_bundled_dataset_passes(bundled_report):
     assert [item.id for item in bundled_report.items] == ITEM_IDS
     assert not bundled_report.failed, [(i.id, i.detail) for i in bundled_report.items if i.status == "FAIL"]
-    for item_id in ("trainable_examples", "sequence_length", "leakage", "duplicates", "eos_trained",
-                    "pad_token", "learning_rate", "warmup", "clipping", "memory"):
+    for item_id in (
+        "trainable_examples",
+        "sequence_length",
+        "leakage",
+        "duplicates",
+        "eos_trained",
+        "pad_token",
+        "learning_rate",
+        "warmup",
+        "clipping",
+        "memory",
+    ):
         assert bundled_report.item(item_id).status == "PASS", bundled_report.item(item_id)
     assert bundled_report.item("trainable_examples").numbers["trainable_train_examples"] == 800
     eos = bundled_report.item("eos_trained").numbers
@@ -94,18 +109,30 @@ def test_the_suggested_length_fix_clears_the_length_fails(broken_report, tiny_mo
     assert report.item("sequence_length").status == "PASS"
 
 
-@pytest.mark.parametrize(("extra", "item_id", "fix", "words"), [
-    (["training.learning_rate=2e-5"], "learning_rate", "training.learning_rate=2e-4", "flat-loss"),
-    (["model.method=full", "training.learning_rate=5e-4"], "learning_rate", "training.learning_rate=2e-5",
-     "full fine-tuning"),
-    (["training.warmup_steps=0"], "warmup", "training.warmup_steps=0.03", "0 warmup steps"),
-    (["training.max_grad_norm=0"], "clipping", "training.max_grad_norm=0.3", "off"),
-    (["training.max_grad_norm=5"], "clipping", "training.max_grad_norm=0.3", "rarely clips"),
-    (["data.validation="], "evaluation", "data.validation_split=0.1", "no validation set"),
-    (["training.eval_strategy='no'"], "evaluation", "training.eval_strategy=steps", "evaluation is off"),
-    (["training.num_train_epochs=10"], "epochs", "training.num_train_epochs=3", "overfitting"),
-    (["training.save_total_limit=null"], "checkpoints", "training.save_total_limit=3", "every checkpoint"),
-])
+@pytest.mark.parametrize(
+    ("extra", "item_id", "fix", "words"),
+    [
+        (["training.learning_rate=2e-5"], "learning_rate", "training.learning_rate=2e-4", "flat-loss"),
+        (
+            ["model.method=full", "training.learning_rate=5e-4"],
+            "learning_rate",
+            "training.learning_rate=2e-5",
+            "full fine-tuning",
+        ),
+        (["training.warmup_steps=0"], "warmup", "training.warmup_steps=0.03", "0 warmup steps"),
+        (["training.max_grad_norm=0"], "clipping", "training.max_grad_norm=0.3", "off"),
+        (["training.max_grad_norm=5"], "clipping", "training.max_grad_norm=0.3", "rarely clips"),
+        (["data.validation="], "evaluation", "data.validation_split=0.1", "no validation set"),
+        (["training.eval_strategy='no'"], "evaluation", "training.eval_strategy=steps", "evaluation is off"),
+        (["training.num_train_epochs=10"], "epochs", "training.num_train_epochs=3", "overfitting"),
+        (
+            ["training.save_total_limit=null"],
+            "checkpoints",
+            "training.save_total_limit=3",
+            "every checkpoint",
+        ),
+    ],
+)
 def test_item_warns_with_its_fix(tiny_model_dir, small_data, tmp_path, extra, item_id, fix, words):
     overrides = _overrides(tiny_model_dir, tmp_path, small_data, "training.save_steps=5", *extra)
     report = run_check(load_config(None, overrides))
@@ -115,8 +142,9 @@ def test_item_warns_with_its_fix(tiny_model_dir, small_data, tmp_path, extra, it
 
 
 def test_epochs_warning_shows_the_step_count(tiny_model_dir, small_data, tmp_path):
-    report = run_check(load_config(None, _overrides(tiny_model_dir, tmp_path, small_data,
-                                                    "training.num_train_epochs=10")))
+    report = run_check(
+        load_config(None, _overrides(tiny_model_dir, tmp_path, small_data, "training.num_train_epochs=10"))
+    )
     steps = plan_steps(64, 4, 4, 10).total_steps
     assert f"{steps} optimizer steps" in report.item("epochs").detail
     assert report.item("trainable_examples").status == "FAIL"  # 64 examples: fewer than 100 trainable
@@ -129,8 +157,11 @@ def test_validation_equal_to_train_is_leakage(tiny_model_dir, small_data, tmp_pa
 
 
 def test_checkpointing_off_passes_when_memory_allows(tiny_model_dir, small_data, tmp_path):
-    report = run_check(load_config(None, _overrides(tiny_model_dir, tmp_path, small_data,
-                                                    "training.gradient_checkpointing=false")))
+    report = run_check(
+        load_config(
+            None, _overrides(tiny_model_dir, tmp_path, small_data, "training.gradient_checkpointing=false")
+        )
+    )
     item = report.item("gradient_checkpointing")
     assert item.status == "PASS" and "not needed" in item.detail
 
@@ -142,15 +173,18 @@ def test_untrained_end_of_turn_fails(tiny_model_dir, small_data, tmp_path):
     assert item.status == "FAIL" and item.numbers["missing"] == item.numbers["examples"] == 80
 
 
-@pytest.mark.parametrize(("args", "status", "fix"), [
-    (("bf16", "bf16", "cuda", "Tesla T4", False), "FAIL", "model.precision=fp16"),
-    (("auto", "fp16", "cuda", "Tesla V100", False), "PASS", None),
-    (("fp16", "fp16", "cuda", "NVIDIA A100", True), "WARN", "model.precision=bf16"),
-    (("auto", "bf16", "cuda", "NVIDIA A100", True), "PASS", None),
-    (("fp32", "fp32", "cuda", "NVIDIA H100", True), "WARN", "model.precision=auto"),
-    (("bf16", "bf16", "cpu", "old CPU", False), "WARN", "model.precision=auto"),
-    (("auto", "fp32", "cpu", "old CPU", False), "PASS", None),
-])
+@pytest.mark.parametrize(
+    ("args", "status", "fix"),
+    [
+        (("bf16", "bf16", "cuda", "Tesla T4", False), "FAIL", "model.precision=fp16"),
+        (("auto", "fp16", "cuda", "Tesla V100", False), "PASS", None),
+        (("fp16", "fp16", "cuda", "NVIDIA A100", True), "WARN", "model.precision=bf16"),
+        (("auto", "bf16", "cuda", "NVIDIA A100", True), "PASS", None),
+        (("fp32", "fp32", "cuda", "NVIDIA H100", True), "WARN", "model.precision=auto"),
+        (("bf16", "bf16", "cpu", "old CPU", False), "WARN", "model.precision=auto"),
+        (("auto", "fp32", "cpu", "old CPU", False), "PASS", None),
+    ],
+)
 def test_precision_fits_the_hardware(args, status, fix):
     item = precision_item(*args)
     assert (item.status, item.fix) == (status, fix)
@@ -200,7 +234,17 @@ def test_cli_check_exits_1_on_the_broken_example(tiny_model_dir, tmp_path, monke
     from tunewise.cli import main
 
     monkeypatch.chdir(REPO)  # the example's data paths are relative to the repository root
-    assert main(["check", "examples/broken.yaml", f"model.name={tiny_model_dir}",
-                 f"output_dir={tmp_path}", "--json"]) == 1
+    assert (
+        main(
+            [
+                "check",
+                "examples/broken.yaml",
+                f"model.name={tiny_model_dir}",
+                f"output_dir={tmp_path}",
+                "--json",
+            ]
+        )
+        == 1
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["counts"]["FAIL"] == 3

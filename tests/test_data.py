@@ -60,13 +60,18 @@ def segments(template: str, messages: list[dict], trained: set[int]) -> list[tup
     out: list[tuple[str, bool]] = []
     if template == "chatml":
         for i, m in enumerate(messages):
-            out += [(f"<|im_start|>{m['role']}\n", False), (m["content"] + "<|im_end|>", i in trained),
-                    ("\n", False)]
+            out += [
+                (f"<|im_start|>{m['role']}\n", False),
+                (m["content"] + "<|im_end|>", i in trained),
+                ("\n", False),
+            ]
     elif template == "llama3":
         out.append(("<|begin_of_text|>", False))
         for i, m in enumerate(messages):
-            out += [(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False),
-                    (m["content"] + "<|eot_id|>", i in trained)]
+            out += [
+                (f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False),
+                (m["content"] + "<|eot_id|>", i in trained),
+            ]
     elif template == "mistral":  # the system message is folded into the first user turn
         system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
         rest = messages[1:] if system else messages
@@ -99,20 +104,35 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 USER_ALPACA = "Extract the contact as JSON.\n\nMaria is a nurse."
 FORMAT_ROWS = {
-    "messages": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
-                              {"role": "assistant", "content": ANSWER}]},
-    "sharegpt": {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": USER},
-                                   {"from": "gpt", "value": ANSWER}]},
-    "alpaca": {"instruction": "Extract the contact as JSON.", "input": "Maria is a nurse.",
-               "output": 'Maria: {"job": "nurse"}'},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": USER},
+            {"role": "assistant", "content": ANSWER},
+        ]
+    },
+    "sharegpt": {
+        "conversations": [
+            {"from": "system", "value": SYSTEM},
+            {"from": "human", "value": USER},
+            {"from": "gpt", "value": ANSWER},
+        ]
+    },
+    "alpaca": {
+        "instruction": "Extract the contact as JSON.",
+        "input": "Maria is a nurse.",
+        "output": 'Maria: {"job": "nurse"}',
+    },
     "prompt_completion": {"prompt": USER, "completion": ANSWER},
     "text": {"text": "Paris is the capital of the country."},
 }
 FORMAT_MESSAGES = {
     "messages": MULTI[:3],
     "sharegpt": MULTI[:3],
-    "alpaca": [{"role": "user", "content": USER_ALPACA},
-               {"role": "assistant", "content": 'Maria: {"job": "nurse"}'}],
+    "alpaca": [
+        {"role": "user", "content": USER_ALPACA},
+        {"role": "assistant", "content": 'Maria: {"job": "nurse"}'},
+    ],
     "prompt_completion": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}],
 }
 
@@ -136,8 +156,9 @@ def test_labels_for_every_format_and_template(fmt, templated, tmp_path):
     assert example.input_ids == ids
     assert example.labels == labels
     assert example.n_trained == sum(label != -100 for label in labels)
-    assert [i for i, label in enumerate(example.labels) if label != -100] == \
-        [i for i, label in enumerate(labels) if label != -100]
+    assert [i for i, label in enumerate(example.labels) if label != -100] == [
+        i for i, label in enumerate(labels) if label != -100
+    ]
 
 
 @pytest.mark.parametrize("policy", ["assistant", "last", "all"])
@@ -181,15 +202,18 @@ def test_trained_eos_survives_pad_equal_to_eos():
     batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([vars(short), vars(long)])
     row = batch["labels"][0].tolist()
     assert row[: len(short.labels)] == short.labels  # the trained <|im_end|> keeps its label
-    assert row[len(short.labels):] == [-100] * (len(long.labels) - len(short.labels))
+    assert row[len(short.labels) :] == [-100] * (len(long.labels) - len(short.labels))
 
 
-@pytest.mark.parametrize(("name", "pad", "added"), [
-    ("chatml", "<|endoftext|>", False),
-    ("llama3", "<|end_of_text|>", False),
-    ("mistral", "<unk>", False),
-    ("notemplate", "<|pad|>", True),
-])
+@pytest.mark.parametrize(
+    ("name", "pad", "added"),
+    [
+        ("chatml", "<|endoftext|>", False),
+        ("llama3", "<|end_of_text|>", False),
+        ("mistral", "<unk>", False),
+        ("notemplate", "<|pad|>", True),
+    ],
+)
 def test_ensure_pad_token(name, pad, added):
     tokenizer = load_tokenizer(name)
     before = len(tokenizer)
@@ -238,8 +262,9 @@ def test_drop_counts_examples(tmp_path):
     tokenizer = load_tokenizer("chatml")
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": MULTI}, {"messages": MULTI[1:3]}])
     short = encode_conversation(MULTI[1:3], tokenizer, DataConfig(), "")
-    bundle = build_datasets(DataConfig(train=str(path), max_seq_length=len(short.input_ids), too_long="drop"),
-                            tokenizer)
+    bundle = build_datasets(
+        DataConfig(train=str(path), max_seq_length=len(short.input_ids), too_long="drop"), tokenizer
+    )
     assert bundle.stats.dropped_too_long == 1 and bundle.stats.encoded == 1
     assert [e.source for e in bundle.train] == [f"{path}:2"]
 
@@ -310,8 +335,13 @@ def test_every_bad_row_is_listed_once_and_skip_counts_by_reason(tmp_path):
     with pytest.raises(DataError, match=r"^6 bad row\(s\)"):
         load_conversations(path, DataConfig())
     _, _, skipped = load_conversations(path, DataConfig(on_bad_rows="skip"))
-    assert skipped == {"malformed_json": 1, "missing_field": 1, "empty_response": 2, "non_string_content": 1,
-                       "unknown_role": 1}
+    assert skipped == {
+        "malformed_json": 1,
+        "missing_field": 1,
+        "empty_response": 2,
+        "non_string_content": 1,
+        "unknown_role": 1,
+    }
 
 
 def test_template_rejection_is_a_data_error_or_skipped(tmp_path):
@@ -330,8 +360,14 @@ def test_every_file_type_reads_the_same_rows(tmp_path):
     from datasets import Dataset
 
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(3)]
-    files = [write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d.json", tmp_path / "wrapped.json",
-             tmp_path / "d.csv", tmp_path / "d.parquet", tmp_path / "saved"]
+    files = [
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        tmp_path / "d.json",
+        tmp_path / "wrapped.json",
+        tmp_path / "d.csv",
+        tmp_path / "d.parquet",
+        tmp_path / "saved",
+    ]
     files[1].write_text(json.dumps(rows))
     files[2].write_text(json.dumps({"data": rows}))
     files.append(write_jsonl(tmp_path / "lines.json", rows))  # JSON lines under a .json name
@@ -343,8 +379,10 @@ def test_every_file_type_reads_the_same_rows(tmp_path):
     Dataset.from_list(rows).save_to_disk(str(files[5]))
     results = [load_conversations(path, DataConfig())[0] for path in files]
     assert all(r == results[0] for r in results)
-    assert results[0][2] == [{"role": "user", "content": "Question 2?"},
-                             {"role": "assistant", "content": "Answer 2."}]
+    assert results[0][2] == [
+        {"role": "user", "content": "Question 2?"},
+        {"role": "assistant", "content": "Answer 2."},
+    ]
     assert load_conversations(files[3], DataConfig())[1][0] == f"{files[3]}:row 0"
 
 
@@ -371,8 +409,10 @@ def test_columns_map_user_field_names(tmp_path):
     renamed = DataConfig(format="messages", columns={"messages": "conversation"})
     assert load_conversations(path, renamed)[0] == [MULTI]
     with pytest.raises(DataError, match="no `conversation` field \\(mapped from `messages`"):
-        load_conversations(write_jsonl(tmp_path / "e.jsonl", [{"conversation": MULTI}, {"messages": MULTI}]),
-                           DataConfig(format="messages", columns={"messages": "conversation"}))
+        load_conversations(
+            write_jsonl(tmp_path / "e.jsonl", [{"conversation": MULTI}, {"messages": MULTI}]),
+            DataConfig(format="messages", columns={"messages": "conversation"}),
+        )
 
 
 def test_unknown_columns_say_how_to_map_them(tmp_path):
@@ -408,8 +448,9 @@ def test_separate_validation_and_test_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD])
     validation = write_jsonl(tmp_path / "val.jsonl", [{"prompt": USER, "completion": ANSWER}])
     test = write_jsonl(tmp_path / "test.jsonl", [{"messages": MULTI}])
-    bundle = build_datasets(DataConfig(train=str(train), validation=str(validation), test=str(test)),
-                            load_tokenizer("chatml"))
+    bundle = build_datasets(
+        DataConfig(train=str(train), validation=str(validation), test=str(test)), load_tokenizer("chatml")
+    )
     assert len(bundle.train) == 2 and [e.source for e in bundle.validation] == [f"{validation}:1"]
     assert bundle.test_rows == [MULTI] and bundle.stats.rows == 3 and bundle.stats.encoded == 3
     dataset = bundle.to_hf("train")
@@ -460,7 +501,7 @@ def test_boundary_merge_is_detected_and_the_merged_token_trained():
     prompt = tokenizer("<s>[INST] Thanks [/INST] ", add_special_tokens=False).input_ids
     assert example.input_ids[: len(prompt)] != prompt and example.boundary_merges == 1
     answer = tokenizer(" You are good.</s>", add_special_tokens=False).input_ids
-    assert example.input_ids[-len(answer):] == answer  # " You" carries the space the prompt ended with
+    assert example.input_ids[-len(answer) :] == answer  # " You" carries the space the prompt ended with
     assert example.labels == [-100] * (len(example.input_ids) - len(answer)) + answer
 
 
@@ -496,7 +537,8 @@ def test_render_example_brackets_and_truncation():
     assert text.endswith("<|im_start|>assistant\n[[Paris is the capital.<|im_end|>]]\n")
     cut = encode_conversation(MULTI[1:3], tokenizer, DataConfig(max_seq_length=10), "d.jsonl:1")
     assert render_example(cut, tokenizer, color=False).endswith(
-        f"<<TRUNCATED: {cut.full_length - 10} tokens cut>>")
+        f"<<TRUNCATED: {cut.full_length - 10} tokens cut>>"
+    )
     colored = render_example(example, tokenizer, color=True)
     assert "\x1b[32mParis is the capital.<|im_end|>\x1b[0m" in colored and "[[" not in colored
 
@@ -527,15 +569,30 @@ def test_completion_mask_matches_trl(name, tmp_path):
 
     tokenizer = load_tokenizer(name)
     pairs = [(USER, ANSWER), (USER2, "You are good."), ("Extract the contact as JSON.", '{"name": "Maria"}')]
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(tokenizer))
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+    )
     model = LlamaForCausalLM(config)
-    args = SFTConfig(output_dir=str(tmp_path / "trl"), completion_only_loss=True, report_to="none",
-                     max_length=None, bf16=False, use_cpu=True)
-    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
-            for p, c in pairs]
-    processed = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                           processing_class=tokenizer).train_dataset
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        completion_only_loss=True,
+        report_to="none",
+        max_length=None,
+        bf16=False,
+        use_cpu=True,
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+        for p, c in pairs
+    ]
+    processed = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    ).train_dataset
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
     ours = build_datasets(DataConfig(train=str(path)), tokenizer).train
     newline = tokenizer("\n", add_special_tokens=False).input_ids

@@ -81,10 +81,18 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
 
     data = write_subset(tmp_path / "data", n_val=8, n_test=3)
     runs = tmp_path / "runs"
-    argv = ["demo", "--quiet", f"output_dir={runs}", "training.max_steps=2", "training.eval_steps=2",
-            "training.save_steps=2", "training.per_device_train_batch_size=2",
-            "training.gradient_accumulation_steps=1", f"data.validation={data['validation']}",
-            f"data.test={data['test']}"]
+    argv = [
+        "demo",
+        "--quiet",
+        f"output_dir={runs}",
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.per_device_train_batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        f"data.validation={data['validation']}",
+        f"data.test={data['test']}",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "2/5 check" in out and "5/5 tuned model on the test split" in out

@@ -54,8 +54,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ * 2)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ * 2,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to thread hand-offs
     yield LlamaForCausalLM(config)
@@ -65,19 +72,33 @@ def tiny_llama():
 def _args(tmp_path, batch: int, accumulation: int, epochs: float, max_steps: int):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
-                             gradient_accumulation_steps=accumulation, num_train_epochs=epochs,
-                             max_steps=max_steps, learning_rate=1e-3, report_to=[], save_strategy="no",
-                             logging_strategy="no", eval_strategy="no", use_cpu=True, disable_tqdm=True,
-                             dataloader_pin_memory=False, seed=0)
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
 
 
 @pytest.mark.parametrize(("examples", "batch", "accumulation", "epochs", "max_steps"), GRID)
 def test_plan_matches_trainer(tiny_llama, tmp_path, examples, batch, accumulation, epochs, max_steps):
     from transformers import Trainer
 
-    trainer = Trainer(model=tiny_llama, args=_args(tmp_path, batch, accumulation, epochs, max_steps),
-                      train_dataset=RandomTokens(examples))
+    trainer = Trainer(
+        model=tiny_llama,
+        args=_args(tmp_path, batch, accumulation, epochs, max_steps),
+        train_dataset=RandomTokens(examples),
+    )
     trainer.train()
     plan = plan_steps(examples, batch, accumulation, epochs, max_steps)
     assert plan.total_steps == trainer.state.global_step
@@ -103,19 +124,32 @@ class _SizedLoader:
 
 # (examples, per-device batch, processes, accumulation, epochs)
 SHARD_GRID = [
-    (1000, 4, 2, 4, 3), (1000, 4, 3, 4, 3), (1000, 4, 8, 4, 3), (17, 2, 2, 3, 2), (5, 8, 4, 1, 1),
-    (33, 4, 3, 2, 1.5), (64, 4, 4, 1, 1), (101, 3, 2, 4, 2.5), (7, 1, 8, 2, 2), (250, 8, 3, 2, 0.5),
+    (1000, 4, 2, 4, 3),
+    (1000, 4, 3, 4, 3),
+    (1000, 4, 8, 4, 3),
+    (17, 2, 2, 3, 2),
+    (5, 8, 4, 1, 1),
+    (33, 4, 3, 2, 1.5),
+    (64, 4, 4, 1, 1),
+    (101, 3, 2, 4, 2.5),
+    (7, 1, 8, 2, 2),
+    (250, 8, 3, 2, 0.5),
 ]
 
 
 @pytest.mark.parametrize(("examples", "batch", "processes", "accumulation", "epochs"), SHARD_GRID)
-def test_plan_matches_accelerate_sharding(tiny_llama, tmp_path, examples, batch, processes, accumulation,
-                                          epochs):
+def test_plan_matches_accelerate_sharding(
+    tiny_llama, tmp_path, examples, batch, processes, accumulation, epochs
+):
     from accelerate.data_loader import BatchSamplerShard
     from transformers import Trainer
 
-    shard = BatchSamplerShard(BatchSampler(range(examples), batch, False), num_processes=processes,
-                              process_index=0, even_batches=True)
+    shard = BatchSamplerShard(
+        BatchSampler(range(examples), batch, False),
+        num_processes=processes,
+        process_index=0,
+        even_batches=True,
+    )
     micro = len(shard)
     assert micro == len(list(shard))  # the length accelerate reports is what it yields
     trainer = Trainer(model=tiny_llama, args=_args(tmp_path, batch, accumulation, epochs, -1))

@@ -51,7 +51,9 @@ def _mtimes(sweep_dir: Path) -> dict[str, float]:
 def test_grid_values_split_outside_brackets():
     assert split_values("[q_proj,v_proj],all-linear") == ["[q_proj,v_proj]", "all-linear"]
     assert parse_grid(["training.learning_rate=1e-4,2e-4", "adapter.r=8"]) == {
-        "training.learning_rate": ["1e-4", "2e-4"], "adapter.r": ["8"]}
+        "training.learning_rate": ["1e-4", "2e-4"],
+        "adapter.r": ["8"],
+    }
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         parse_grid(["training.learning_rate"])
 
@@ -72,11 +74,18 @@ def test_bad_grid_key_is_a_config_error_before_anything_runs(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("result, wrote, expected", [
-    ({"status": "stopped", "paused_at": 3, "global_step": 3}, True, "stopped"),  # a pause at a rung
-    ({"status": "stopped", "error": "no token is trained"}, True, "failed"),  # the doctor stopped it
-    ({"status": "stopped", "paused_at": 3, "global_step": 3}, False, "failed"),  # killed before its result
-])
+@pytest.mark.parametrize(
+    "result, wrote, expected",
+    [
+        ({"status": "stopped", "paused_at": 3, "global_step": 3}, True, "stopped"),  # a pause at a rung
+        ({"status": "stopped", "error": "no token is trained"}, True, "failed"),  # the doctor stopped it
+        (
+            {"status": "stopped", "paused_at": 3, "global_step": 3},
+            False,
+            "failed",
+        ),  # killed before its result
+    ],
+)
 def test_an_invocation_that_cannot_go_on_is_recorded_as_failed(tmp_path, result, wrote, expected):
     trial = Trial(0, {"k": "1"}, tmp_path / "trial-00-k1")
     trial.run_dir.mkdir()
@@ -92,8 +101,12 @@ def test_ranking_uses_the_last_common_eval_step_and_puts_failures_last(tmp_path)
     def trial(i: int, status: str, evals: dict[int, float]) -> Trial:
         return Trial(i, {"k": str(i)}, tmp_path / f"trial-{i:02d}", status=status, evals=evals)
 
-    trials = [trial(0, "completed", {3: 2.0, 6: 1.5}), trial(1, "diverged", {3: 1.0}),
-              trial(2, "completed", {3: 2.5, 6: 1.2}), trial(3, "stopped", {3: 1.1})]
+    trials = [
+        trial(0, "completed", {3: 2.0, 6: 1.5}),
+        trial(1, "diverged", {3: 1.0}),
+        trial(2, "completed", {3: 2.5, 6: 1.2}),
+        trial(3, "stopped", {3: 1.1}),
+    ]
     ranked, step = rank_trials(trials, "grid", [6])
     assert step == 3  # trial 3 stopped at step 3: the last step every survivor reached
     assert [t.index for t in ranked] == [3, 0, 2, 1]
@@ -107,8 +120,16 @@ def test_ranking_uses_the_last_common_eval_step_and_puts_failures_last(tmp_path)
 def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, tmp_path, capsys):
     # 128 examples: --then-train runs the pre-flight check, which FAILs under 100 trainable examples
     base = _base(tiny_model_dir, write_subset(tmp_path / "data128", n_train=128), tmp_path)
-    argv = ["sweep", *base, "--grid", "training.learning_rate=1e-3,2e-2,0.5", "--max-steps", "6",
-            "--name", "g"]
+    argv = [
+        "sweep",
+        *base,
+        "--grid",
+        "training.learning_rate=1e-3,2e-2,0.5",
+        "--max-steps",
+        "6",
+        "--name",
+        "g",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     sweep_dir = tmp_path / "runs" / "sweep-g"
@@ -144,12 +165,18 @@ def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, tmp_pat
     assert trained["status"] == "completed" and trained["global_step"] == 6  # the base config's max_steps
 
 
-def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(tiny_model_dir, small_data,
-                                                                            tmp_path):
+def test_halving_promotes_the_best_stops_divergence_and_spends_fewer_steps(
+    tiny_model_dir, small_data, tmp_path
+):
     extra = {"training.lr_scheduler_type": "constant", "training.warmup_steps": 0}
-    spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, extra),
-                     grid={"training.learning_rate": ["1e-3", "2e-2", "0.99"]}, max_steps=9,
-                     strategy="halving", workers=2, name="h")
+    spec = SweepSpec(
+        overrides=_base(tiny_model_dir, small_data, tmp_path, extra),
+        grid={"training.learning_rate": ["1e-3", "2e-2", "0.99"]},
+        max_steps=9,
+        strategy="halving",
+        workers=2,
+        name="h",
+    )
     result = run_sweep(spec)
     assert result.rungs == [3, 9]
     by_lr = {t.params["training.learning_rate"]: t for t in result.trials}
@@ -187,8 +214,16 @@ def test_ray_resources_parse_and_refuse_bad_items() -> None:
 
 def test_ray_backend_without_ray_is_a_clear_error(tiny_model_dir, small_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    argv = ["sweep", *_base(tiny_model_dir, small_data, tmp_path), "--grid", "training.learning_rate=1e-3",
-            "--max-steps", "2", "--backend", "ray"]
+    argv = [
+        "sweep",
+        *_base(tiny_model_dir, small_data, tmp_path),
+        "--grid",
+        "training.learning_rate=1e-3",
+        "--max-steps",
+        "2",
+        "--backend",
+        "ray",
+    ]
     assert cli.main(argv) == 2
     assert "pip install 'tunewise[ray]'" in capsys.readouterr().err
 
@@ -204,9 +239,13 @@ def local_ray():
 def test_ray_backend_runs_trials_as_tune_trials_records_a_crash_and_resumes(
     local_ray, tiny_model_dir, small_data, tmp_path, capfd
 ) -> None:
-    spec = SweepSpec(overrides=_base(tiny_model_dir, small_data, tmp_path, {"adapter.alpha": 16}),
-                     grid={"adapter.target_modules": ["all-linear", "[nope_proj]"]}, max_steps=2,
-                     backend="ray", name="ray")
+    spec = SweepSpec(
+        overrides=_base(tiny_model_dir, small_data, tmp_path, {"adapter.alpha": 16}),
+        grid={"adapter.target_modules": ["all-linear", "[nope_proj]"]},
+        max_steps=2,
+        backend="ray",
+        name="ray",
+    )
     events: list[tuple[str, str]] = []
     result = run_sweep(spec, on_trial=lambda event, trial: events.append((event, trial.name)))
     assert local_ray.is_initialized()  # the backend started a local Ray instance itself

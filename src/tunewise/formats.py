@@ -72,8 +72,10 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise DataError(f"{path}: cannot read as Parquet ({exc}); re-export the file") from None
         return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
-    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
-                    "or a directory written by `datasets.Dataset.save_to_disk`")
+    raise DataError(
+        f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
+        "or a directory written by `datasets.Dataset.save_to_disk`"
+    )
 
 
 def _read_csv(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -83,15 +85,23 @@ def _read_csv(path: Path, text: str) -> list[tuple[str, Any]]:
     try:
         for i, row in enumerate(reader):
             if None in row:  # DictReader files cells beyond the header under the key None
-                out.append((f"{path}:row {i}", RowProblem(
-                    "bad_structure", f"the row has {len(row[None])} more cell(s) than the header",
-                    "quote cells that hold commas, or add the missing column names to the header")))
+                out.append(
+                    (
+                        f"{path}:row {i}",
+                        RowProblem(
+                            "bad_structure",
+                            f"the row has {len(row[None])} more cell(s) than the header",
+                            "quote cells that hold commas, or add the missing column names to the header",
+                        ),
+                    )
+                )
             else:
                 out.append((f"{path}:row {i}", row))
     except csv.Error as exc:  # an unclosed quote or a cell over the csv module's size limit
-        raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({exc}); close the quotes "
-                        "(an unclosed quote swallows the lines after it) or store long texts as JSONL"
-                        ) from None
+        raise DataError(
+            f"{path}:{reader.line_num}: cannot read as CSV ({exc}); close the quotes "
+            "(an unclosed quote swallows the lines after it) or store long texts as JSONL"
+        ) from None
     return out
 
 
@@ -131,8 +141,16 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         source = f"{path}:{number}"
         if _has_bad_bytes(line):
-            out.append((source, RowProblem("not_utf8", "the line has bytes that are not valid UTF-8",
-                                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")))
+            out.append(
+                (
+                    source,
+                    RowProblem(
+                        "not_utf8",
+                        "the line has bytes that are not valid UTF-8",
+                        "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+                    ),
+                )
+            )
             continue
         try:
             out.append((source, json.loads(line)))
@@ -151,13 +169,16 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
         if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
             return _read_jsonl(path, text)
         line = exc.lineno if isinstance(exc, json.JSONDecodeError) else _deep_line(text)
-        raise DataError(f"{path}:{line}: {_json_problem(exc)}; "
-                        "fix the file (a list of rows, {\"data\": [...]}, or one object per line)") from None
+        raise DataError(
+            f"{path}:{line}: {_json_problem(exc)}; "
+            'fix the file (a list of rows, {"data": [...]}, or one object per line)'
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
+        raise DataError(
+            f'{path}: expected a JSON list of rows or {{"data": [...]}}, got {type(data).__name__}'
+        )
     return [(f"{path}:row {i}", row) for i, row in enumerate(data)]
 
 
@@ -170,8 +191,10 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, Any]]:
             splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
         except (ValueError, KeyError, TypeError, RecursionError):  # unreadable: no split names to offer
             splits = []
-        raise DataError(f"{path}: is a DatasetDict with splits {splits}; point the path at one split "
-                        f"directory, e.g. {path / (splits[0] if splits else 'train')}")
+        raise DataError(
+            f"{path}: is a DatasetDict with splits {splits}; point the path at one split "
+            f"directory, e.g. {path / (splits[0] if splits else 'train')}"
+        )
     try:
         dataset = load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError or its own errors
@@ -203,10 +226,12 @@ def surrogate_problem(text: str, what: str) -> RowProblem | None:
     found = SURROGATE.search(text)
     if found is None:
         return None
-    return RowProblem("bad_text", f"{what} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at "
-                                  f"character {found.start()}, which no tokenizer can encode",
-                      "remove it or write the character it stands for (a JSON pair such as "
-                      "\\ud83d\\ude00 is fine)")
+    return RowProblem(
+        "bad_text",
+        f"{what} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at "
+        f"character {found.start()}, which no tokenizer can encode",
+        "remove it or write the character it stands for (a JSON pair such as \\ud83d\\ude00 is fine)",
+    )
 
 
 # ----------------------------------------------------------------------------- rows -> conversations
@@ -221,10 +246,12 @@ def detect_format(row: Any, cfg: DataConfig) -> str:
             if all(cfg.columns.get(f, f) in row for f in fields):
                 return fmt
     keys = sorted(map(str, row)) if isinstance(row, dict) else type(row).__name__
-    raise DataError(f"cannot tell the data format from the first row (keys: {keys}); expected "
-                    "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or `text`. "
-                    "Set `data.format` and map your column names with `data.columns`, "
-                    "e.g. {prompt: question, completion: answer}")
+    raise DataError(
+        f"cannot tell the data format from the first row (keys: {keys}); expected "
+        "`messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or `text`. "
+        "Set `data.format` and map your column names with `data.columns`, "
+        "e.g. {prompt: question, completion: answer}"
+    )
 
 
 def _field(row: dict, name: str, cfg: DataConfig, required: bool = True) -> Any:
@@ -233,8 +260,11 @@ def _field(row: dict, name: str, cfg: DataConfig, required: bool = True) -> Any:
     value = row.get(column)
     if value is None and required:
         mapped = f" (mapped from `{name}` by data.columns)" if column != name else ""
-        raise RowProblem("missing_field", f"the row has no `{column}` field{mapped}",
-                          f"add it, or map your column with `data.columns: {{{name}: <your column>}}`")
+        raise RowProblem(
+            "missing_field",
+            f"the row has no `{column}` field{mapped}",
+            f"add it, or map your column with `data.columns: {{{name}: <your column>}}`",
+        )
     return value
 
 
@@ -249,55 +279,81 @@ def _text(value: Any, what: str) -> str:
 def _message(raw: Any, index: int) -> dict:
     """One message as {role, content}; accepts role/content and ShareGPT's from/value."""
     if not isinstance(raw, dict):
-        raise RowProblem("bad_structure", f"message {index} is {type(raw).__name__}, not an object",
-                          "write each message as {\"role\": ..., \"content\": ...}")
+        raise RowProblem(
+            "bad_structure",
+            f"message {index} is {type(raw).__name__}, not an object",
+            'write each message as {"role": ..., "content": ...}',
+        )
     role = raw.get("role", raw.get("from"))
     content = raw.get("content", raw.get("value"))
     if role is None or content is None:
         missing = "role" if role is None else "content"
-        raise RowProblem("missing_field", f"message {index} has no `{missing}`",
-                          "give every message a role and a content (ShareGPT: from and value)")
+        raise RowProblem(
+            "missing_field",
+            f"message {index} has no `{missing}`",
+            "give every message a role and a content (ShareGPT: from and value)",
+        )
     if not isinstance(role, str) or role not in SHAREGPT_ROLES:
-        raise RowProblem("unknown_role", f"message {index} has role {_SHORT.repr(role)}",
-                          "use system, user or assistant (ShareGPT: system, human or gpt)")
+        raise RowProblem(
+            "unknown_role",
+            f"message {index} has role {_SHORT.repr(role)}",
+            "use system, user or assistant (ShareGPT: system, human or gpt)",
+        )
     role = SHAREGPT_ROLES[role]
     content = _text(content, f"message {index} ({role}) content")
     if role == "assistant" and not content.strip():
-        raise RowProblem("empty_response", f"message {index} (assistant) is empty",
-                          "write the response, or remove the row")
+        raise RowProblem(
+            "empty_response", f"message {index} (assistant) is empty", "write the response, or remove the row"
+        )
     return {"role": role, "content": content}
 
 
 def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
     """One row of any format -> a list of {role, content} messages."""
     if not isinstance(row, dict):
-        raise RowProblem("bad_structure", f"the row is {type(row).__name__}, not an object",
-                          "write each row as a JSON object")
+        raise RowProblem(
+            "bad_structure",
+            f"the row is {type(row).__name__}, not an object",
+            "write each row as a JSON object",
+        )
     if _has_bad_bytes(row):
-        raise RowProblem("not_utf8", "the row has bytes that are not valid UTF-8",
-                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+        raise RowProblem(
+            "not_utf8",
+            "the row has bytes that are not valid UTF-8",
+            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        )
     if fmt in ("messages", "sharegpt"):
         raw = _field(row, fmt if fmt == "messages" else "conversations", cfg)
         if isinstance(raw, str):  # CSV cells hold the list as JSON text
             try:
                 raw = json.loads(raw)
             except (ValueError, RecursionError):
-                raise RowProblem("bad_structure", "the messages cell is not a JSON list",
-                                  "write the messages as a JSON list of {role, content}") from None
+                raise RowProblem(
+                    "bad_structure",
+                    "the messages cell is not a JSON list",
+                    "write the messages as a JSON list of {role, content}",
+                ) from None
         if not isinstance(raw, list) or not raw:
-            raise RowProblem("bad_structure", "the messages are not a non-empty list",
-                              "write a JSON list of {role, content} messages")
+            raise RowProblem(
+                "bad_structure",
+                "the messages are not a non-empty list",
+                "write a JSON list of {role, content} messages",
+            )
         messages = [_message(m, i) for i, m in enumerate(raw)]
     elif fmt == "alpaca":
         instruction = _text(_field(row, "instruction", cfg), "`instruction`")
         extra = _text(_field(row, "input", cfg, required=False) or "", "`input`")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, _message({"role": "assistant",
-                                                                   "content": _field(row, "output", cfg)}, 1)]
+        messages = [
+            {"role": "user", "content": user},
+            _message({"role": "assistant", "content": _field(row, "output", cfg)}, 1),
+        ]
     elif fmt == "prompt_completion":
         prompt = _text(_field(row, "prompt", cfg), "`prompt`")
-        messages = [{"role": "user", "content": prompt},
-                    _message({"role": "assistant", "content": _field(row, "completion", cfg)}, 1)]
+        messages = [
+            {"role": "user", "content": prompt},
+            _message({"role": "assistant", "content": _field(row, "completion", cfg)}, 1),
+        ]
     else:
         text = _text(_field(row, "text", cfg), "`text`")
         if not text.strip():
@@ -339,15 +395,18 @@ def load_file(path: str | Path, cfg: DataConfig) -> tuple[list[list[dict]], list
             skipped[problem.reason] += 1
             problems.append(f"{source}: {problem.what}; fix: {problem.fix}")
     if problems and cfg.on_bad_rows == "error":
-        raise DataError(f"{len(problems)} bad row(s) in {path} ({fmt} format):\n{problem_lines(problems)}\n"
-                        f"Fix them, {SKIP_HINT}.")
+        raise DataError(
+            f"{len(problems)} bad row(s) in {path} ({fmt} format):\n{problem_lines(problems)}\n"
+            f"Fix them, {SKIP_HINT}."
+        )
     if problems:
         logger.warning("%s: skipped %d bad row(s): %s", path, len(problems), dict(skipped))
     return conversations, sources, dict(skipped), fmt
 
 
-def load_conversations(path: str | Path,
-                       cfg: DataConfig) -> tuple[list[list[dict]], list[str], dict[str, int]]:
+def load_conversations(
+    path: str | Path, cfg: DataConfig
+) -> tuple[list[list[dict]], list[str], dict[str, int]]:
     """Read a data file and normalise every row to `[{"role", "content"}, ...]`.
 
     Returns:

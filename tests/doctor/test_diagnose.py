@@ -20,8 +20,13 @@ STATES = FIXTURES / "trainer_states"
 EXPECTED = json.loads((FIXTURES / "expected_verdicts.json").read_text())
 
 DIVERGENCE_FIXES = ["training.learning_rate=", "training.max_grad_norm=0.3", "training.warmup_steps=", None]
-OVERFIT_FIXES = [None, "training.num_train_epochs=", "adapter.dropout=0.1", "adapter.r=4",
-                 "training.weight_decay=0.01"]
+OVERFIT_FIXES = [
+    None,
+    "training.num_train_epochs=",
+    "adapter.dropout=0.1",
+    "adapter.r=4",
+    "training.weight_decay=0.01",
+]
 # fixture -> (finding codes that must be there, code whose fixes are checked, expected fix order)
 SHAPES = {
     "healthy_lora": (set(), None, None),
@@ -30,10 +35,16 @@ SHAPES = {
     # 2.05 -> 9.6 in the first steps is an explosion at once (4.7x the start), no spike warning first
     "early_explosion": ({"loss_explosion"}, "loss_explosion", DIVERGENCE_FIXES),
     "spike_recovers": ({"loss_spike", "grad_norm_spike"}, "loss_spike", DIVERGENCE_FIXES),
-    "flat_lora_lr2e-5": ({"not_falling", "flat"}, "flat",
-                         ["data.train_on=assistant", "training.learning_rate=2.0e-04", None]),
-    "flat_full_lr1e-6": ({"flat"}, "flat",
-                         ["training.learning_rate=1.0e-05", "data.train_on=assistant", None]),
+    "flat_lora_lr2e-5": (
+        {"not_falling", "flat"},
+        "flat",
+        ["data.train_on=assistant", "training.learning_rate=2.0e-04", None],
+    ),
+    "flat_full_lr1e-6": (
+        {"flat"},
+        "flat",
+        ["training.learning_rate=1.0e-05", "data.train_on=assistant", None],
+    ),
     "flat_no_grad": ({"flat"}, "flat", [None, "data.train_on=assistant", "training.learning_rate=2.0e-03"]),
     "overfit_small_data": ({"overfitting", "epoch_drop"}, "overfitting", OVERFIT_FIXES),
     "resumed_healthy": (set(), None, None),
@@ -127,8 +138,14 @@ def test_eval_metrics_other_than_loss_are_kept() -> None:
 # ----------------------------------------------------------------------------- CurveWatcher
 
 
-def feed(watcher: CurveWatcher, losses: list[float], grads: list[float] | None = None, lr: float = 2e-4,
-         start: int = 1, **kwargs: object) -> dict[int, list[Finding]]:
+def feed(
+    watcher: CurveWatcher,
+    losses: list[float],
+    grads: list[float] | None = None,
+    lr: float = 2e-4,
+    start: int = 1,
+    **kwargs: object,
+) -> dict[int, list[Finding]]:
     """Feed losses one step at a time; returns the new findings per step."""
     out = {}
     for i, loss in enumerate(losses):
@@ -297,17 +314,41 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def test_run_dir_with_metrics_jsonl_config_and_result(tmp_path: Path) -> None:
-    records = [{"type": "train", "step": s, "epoch": s / 100, "loss": 2.3 - 0.05 * s, "grad_norm": 0.8,
-                "learning_rate": 5e-2, "tokens": 1024, "trained_tokens": 400, "tokens_per_s": 500.0,
-                "time": s}
-               for s in range(1, 7)]
+    records = [
+        {
+            "type": "train",
+            "step": s,
+            "epoch": s / 100,
+            "loss": 2.3 - 0.05 * s,
+            "grad_norm": 0.8,
+            "learning_rate": 5e-2,
+            "tokens": 1024,
+            "trained_tokens": 400,
+            "tokens_per_s": 500.0,
+            "time": s,
+        }
+        for s in range(1, 7)
+    ]
     records.insert(3, {"type": "eval", "step": 3, "epoch": 0.03, "eval_loss": 2.4})
-    records.append({"type": "train", "step": 7, "epoch": 0.07, "loss": math.nan, "grad_norm": math.inf,
-                    "learning_rate": 5e-2, "tokens": 1024, "tokens_per_s": 500.0, "time": 7})
+    records.append(
+        {
+            "type": "train",
+            "step": 7,
+            "epoch": 0.07,
+            "loss": math.nan,
+            "grad_norm": math.inf,
+            "learning_rate": 5e-2,
+            "tokens": 1024,
+            "tokens_per_s": 500.0,
+            "time": 7,
+        }
+    )
     write_jsonl(tmp_path / "metrics.jsonl", records)
     assert "NaN" in (tmp_path / "metrics.jsonl").read_text()
-    (tmp_path / "config.yaml").write_text("model:\n  method: lora\ntraining:\n  learning_rate: 5.0e-2\n"
-                                          "  max_grad_norm: 0\n  warmup_steps: 0\n  max_steps: 2000\n")
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  method: lora\ntraining:\n  learning_rate: 5.0e-2\n"
+        "  max_grad_norm: 0\n  warmup_steps: 0\n  max_steps: 2000\n"
+    )
     (tmp_path / "result.json").write_text(json.dumps({"status": "diverged", "diverged_at": 7}))
     for step in (3, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -316,20 +357,34 @@ def test_run_dir_with_metrics_jsonl_config_and_result(tmp_path: Path) -> None:
     finding = next(f for f in d.findings if f.code == "non_finite")
     assert finding.title == "loss went from 2 at step 6 to NaN at step 7; lr 5.0e-02"
     # facts from config.yaml: lr far too high for LoRA, no clipping, no warmup (10% of 2000 = 200)
-    assert changes(finding) == ["training.learning_rate=5.0e-03", "training.max_grad_norm=0.3",
-                                "training.warmup_steps=200", None]
+    assert changes(finding) == [
+        "training.learning_rate=5.0e-03",
+        "training.max_grad_norm=0.3",
+        "training.warmup_steps=200",
+        None,
+    ]
     assert d.best_checkpoint == "checkpoint-3"  # the only eval; checkpoint-6 has no eval to vouch for it
     text = render_diagnosis(d)
-    for part in ("verdict: DIVERGED", "training.learning_rate=5.0e-03", "checkpoint to keep: checkpoint-3",
-                 "findings over time:", "step 7"):
+    for part in (
+        "verdict: DIVERGED",
+        "training.learning_rate=5.0e-03",
+        "checkpoint to keep: checkpoint-3",
+        "findings over time:",
+        "step 7",
+    ):
         assert part in text
     assert "\033[" not in text and "\033[" in render_diagnosis(d, color=True)
 
 
 def test_run_dir_without_eval_keeps_the_last_checkpoint_before_divergence(tmp_path: Path) -> None:
     losses = [*falling(12), math.nan]
-    write_jsonl(tmp_path / "metrics.jsonl", [{"type": "train", "step": i + 1, "loss": x, "grad_norm": 0.5,
-                                              "learning_rate": 1e-3} for i, x in enumerate(losses)])
+    write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [
+            {"type": "train", "step": i + 1, "loss": x, "grad_norm": 0.5, "learning_rate": 1e-3}
+            for i, x in enumerate(losses)
+        ],
+    )
     for step in (5, 10, 13):
         (tmp_path / f"checkpoint-{step}").mkdir()
     assert diagnose_path(tmp_path).best_checkpoint == "checkpoint-10"
@@ -349,12 +404,17 @@ def test_resume_in_metrics_jsonl_drops_the_abandoned_attempt(tmp_path: Path) -> 
 
 
 def test_plan_json_gives_warmup_and_total_steps(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "metrics.jsonl", [{"type": "train", "step": s, "loss": x, "grad_norm": 0.5,
-                                              "learning_rate": 2e-4} for s, x in enumerate([2.3, 2.2, 2.1,
-                                                                                           math.nan], 1)])
+    write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [
+            {"type": "train", "step": s, "loss": x, "grad_norm": 0.5, "learning_rate": 2e-4}
+            for s, x in enumerate([2.3, 2.2, 2.1, math.nan], 1)
+        ],
+    )
     (tmp_path / "config.yaml").write_text("model: {method: qlora}\ntraining: {warmup_steps: 0.03}\n")
-    (tmp_path / "plan.json").write_text(json.dumps({"warmup_steps": 6, "steps": {"total_steps": 189,
-                                                                                 "steps_per_epoch": 63}}))
+    (tmp_path / "plan.json").write_text(
+        json.dumps({"warmup_steps": 6, "steps": {"total_steps": 189, "steps_per_epoch": 63}})
+    )
     finding = diagnose_path(tmp_path).findings[0]
     # 0.03 is a fraction of all steps, not "no warmup"; plan.json has the count; 10% of 189 < 100 < 189/2
     assert "too little warmup (6 steps)" in finding.causes
@@ -396,8 +456,10 @@ def test_tensorboard_event_files(tmp_path: Path) -> None:
 
 def test_corrupt_metrics_jsonl_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"type": "train", "step": 1, "loss": 2.3}\n{"type": "train", "step": 2, "loss": \n'
-                    '{"type": "train", "step": 3, "loss": 2.1}\n')
+    path.write_text(
+        '{"type": "train", "step": 1, "loss": 2.3}\n{"type": "train", "step": 2, "loss": \n'
+        '{"type": "train", "step": 3, "loss": 2.1}\n'
+    )
     with pytest.raises(DoctorError, match=rf"{path}:2: not valid JSON"):
         load_curve(tmp_path)
 
@@ -430,16 +492,24 @@ def test_nothing_readable_raises(tmp_path: Path) -> None:
 
 
 def test_findings_jsonl_round_trip(tmp_path: Path) -> None:
-    finding = Finding(7, "error", "non_finite", "loss went to NaN", {"loss": math.nan, "step": 7},
-                      ["learning rate too high"],
-                      [Fix("training.learning_rate=5.0e-03", "smaller"), Fix(None, "x")])
+    finding = Finding(
+        7,
+        "error",
+        "non_finite",
+        "loss went to NaN",
+        {"loss": math.nan, "step": 7},
+        ["learning rate too high"],
+        [Fix("training.learning_rate=5.0e-03", "smaller"), Fix(None, "x")],
+    )
     path = tmp_path / "findings.jsonl"
     append_findings(path, [finding])
     append_findings(path, [finding])
     back = read_findings(path)
     assert len(back) == 2 and back[0].fixes == finding.fixes and math.isnan(back[0].evidence["loss"])
-    assert back[0].to_dict()["fixes"] == [{"change": "training.learning_rate=5.0e-03", "why": "smaller"},
-                                          {"change": None, "why": "x"}]
+    assert back[0].to_dict()["fixes"] == [
+        {"change": "training.learning_rate=5.0e-03", "why": "smaller"},
+        {"change": None, "why": "x"},
+    ]
     assert read_findings(tmp_path / "none.jsonl") == []
 
 
@@ -455,8 +525,15 @@ def test_diagnosis_exit_codes_and_dict() -> None:
 
 def test_module_does_not_import_torch_or_transformers() -> None:
     modules = sorted(p.stem for p in (Path(__file__).parents[2] / "src/tunewise/doctor").glob("*.py"))
-    code = (f"import sys; import {', '.join('tunewise.doctor.' + m for m in modules)}; "
-            "print(sorted(m for m in ('torch', 'transformers', 'tensorboard') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    code = (
+        f"import sys; import {', '.join('tunewise.doctor.' + m for m in modules)}; "
+        "print(sorted(m for m in ('torch', 'transformers', 'tensorboard') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(__file__).parents[2] / "src")},
+    )
     assert out.stdout.strip() == "[]"

@@ -22,14 +22,27 @@ from tunewise.doctor.findings import read_findings
 from tunewise.training.run import train
 
 # Small, fast runs: batch 2, no checkpoint or eval unless a test asks for one.
-FAST = {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 1,
-        "training.eval_steps": 1000, "training.save_steps": 1000, "training.load_best_model_at_end": False}
+FAST = {
+    "training.per_device_train_batch_size": 2,
+    "training.gradient_accumulation_steps": 1,
+    "training.eval_steps": 1000,
+    "training.save_steps": 1000,
+    "training.load_best_model_at_end": False,
+}
 # Plain SGD without clipping at a constant rate: full fine-tuning of the tiny model is stable at lr 0.9
 # and blows up (loss 10.8 -> 23 -> 2000 -> NaN gradients) at lr 10.
-SGD = {"model.method": "full", "training.optim": "sgd", "training.max_grad_norm": 0,
-       "training.warmup_steps": 0, "training.lr_scheduler_type": "constant",
-       "training.per_device_train_batch_size": 4, "training.gradient_accumulation_steps": 2,
-       "training.eval_steps": 1000, "training.save_steps": 1000, "training.load_best_model_at_end": False}
+SGD = {
+    "model.method": "full",
+    "training.optim": "sgd",
+    "training.max_grad_norm": 0,
+    "training.warmup_steps": 0,
+    "training.lr_scheduler_type": "constant",
+    "training.per_device_train_batch_size": 4,
+    "training.gradient_accumulation_steps": 2,
+    "training.eval_steps": 1000,
+    "training.save_steps": 1000,
+    "training.load_best_model_at_end": False,
+}
 
 
 def _config(model_dir: Path, data: dict[str, Path], tmp_path: Path, extra: dict):
@@ -54,8 +67,12 @@ def _serious(findings) -> list:
 
 
 def test_divergence_is_found_at_its_step_and_weights_stay_finite(tiny_model_dir, small_data, tmp_path):
-    cfg = _config(tiny_model_dir, small_data, tmp_path, {**SGD, "name": "diverge", "training.max_steps": 10,
-                                                         "training.save_steps": 2})
+    cfg = _config(
+        tiny_model_dir,
+        small_data,
+        tmp_path,
+        {**SGD, "name": "diverge", "training.max_steps": 10, "training.save_steps": 2},
+    )
     cfg.training["learning_rate"] = 10.0  # past what validation allows: the point is to diverge
     result = train(cfg)
     assert result.status == "diverged"
@@ -75,9 +92,15 @@ def test_divergence_is_found_at_its_step_and_weights_stay_finite(tiny_model_dir,
 
 def test_recover_mode_lowers_the_rate_and_completes(tiny_model_dir, small_data, tmp_path):
     # Warming up to lr 10 over 6 steps: calm for 3 steps (checkpoint-2), then the loss climbs to NaN.
-    extra = {**SGD, "name": "recover", "training.max_steps": 8, "training.save_steps": 2,
-             "training.warmup_steps": 6, "training.lr_scheduler_type": "constant_with_warmup",
-             "doctor.on_divergence": "recover"}
+    extra = {
+        **SGD,
+        "name": "recover",
+        "training.max_steps": 8,
+        "training.save_steps": 2,
+        "training.warmup_steps": 6,
+        "training.lr_scheduler_type": "constant_with_warmup",
+        "doctor.on_divergence": "recover",
+    }
     cfg = _config(tiny_model_dir, small_data, tmp_path, extra)
     cfg.training["learning_rate"] = 10.0
     result = train(cfg)
@@ -105,8 +128,12 @@ def test_recover_mode_lowers_the_rate_and_completes(tiny_model_dir, small_data, 
 
 def test_all_labels_masked_is_nothing_to_learn_not_a_divergence(tiny_model_dir, small_data, tmp_path):
     # 32 tokens hold only the system prompt and the question: every assistant response is cut off.
-    cfg = _config(tiny_model_dir, small_data, tmp_path, {**FAST, "name": "masked", "data.max_seq_length": 32,
-                                                         "training.max_steps": 30})
+    cfg = _config(
+        tiny_model_dir,
+        small_data,
+        tmp_path,
+        {**FAST, "name": "masked", "data.max_seq_length": 32, "training.max_steps": 30},
+    )
     result = train(cfg, force=True)  # --force trains examples the check would refuse
     steps = _train_steps(result.run_dir)
     assert steps and all(r["trained_tokens"] == 0 and math.isnan(r["loss"]) for r in steps)
@@ -126,8 +153,12 @@ def test_all_labels_masked_is_nothing_to_learn_not_a_divergence(tiny_model_dir, 
 
 
 def test_lora_rate_too_low_is_flat_with_the_rate_ranked_first(tiny_model_dir, small_data, tmp_path):
-    cfg = _config(tiny_model_dir, small_data, tmp_path, {**FAST, "name": "low", "training.max_steps": 20,
-                                                         "training.learning_rate": 1e-6})
+    cfg = _config(
+        tiny_model_dir,
+        small_data,
+        tmp_path,
+        {**FAST, "name": "low", "training.max_steps": 20, "training.learning_rate": 1e-6},
+    )
     result = train(cfg)
     assert result.status == "completed"
     # The end-of-run check ran live (on_train_end): a flat error at the last step, also in result.json.
@@ -144,11 +175,19 @@ def test_lora_rate_too_low_is_flat_with_the_rate_ranked_first(tiny_model_dir, sm
 
 def test_tiny_dataset_many_epochs_overfits_and_keeps_the_best_checkpoint(tiny_model_dir, tmp_path):
     data = write_subset(tmp_path / "data8", n_train=8, n_val=4)
-    extra = {"name": "overfit", "model.method": "full", "training.learning_rate": 3e-2,
-             "training.max_steps": 14, "training.per_device_train_batch_size": 8,
-             "training.gradient_accumulation_steps": 1,
-             "training.eval_steps": 2, "training.save_steps": 2, "training.save_total_limit": 1,
-             "training.lr_scheduler_type": "constant", "training.warmup_steps": 0}
+    extra = {
+        "name": "overfit",
+        "model.method": "full",
+        "training.learning_rate": 3e-2,
+        "training.max_steps": 14,
+        "training.per_device_train_batch_size": 8,
+        "training.gradient_accumulation_steps": 1,
+        "training.eval_steps": 2,
+        "training.save_steps": 2,
+        "training.save_total_limit": 1,
+        "training.lr_scheduler_type": "constant",
+        "training.warmup_steps": 0,
+    }
     result = train(_config(tiny_model_dir, data, tmp_path, extra))  # 14 epochs of one step each
     assert result.status == "completed"
     live = read_findings(result.run_dir / "findings.jsonl")
@@ -163,8 +202,14 @@ def test_tiny_dataset_many_epochs_overfits_and_keeps_the_best_checkpoint(tiny_mo
 
 
 def test_healthy_run_has_no_warnings(tiny_model_dir, small_data, tmp_path):
-    extra = {**FAST, "name": "healthy", "model.method": "full", "training.learning_rate": 3e-3,
-             "training.max_steps": 30, "training.eval_steps": 10}
+    extra = {
+        **FAST,
+        "name": "healthy",
+        "model.method": "full",
+        "training.learning_rate": 3e-3,
+        "training.max_steps": 30,
+        "training.eval_steps": 10,
+    }
     result = train(_config(tiny_model_dir, small_data, tmp_path, extra))
     assert result.status == "completed"
     steps = _train_steps(result.run_dir)

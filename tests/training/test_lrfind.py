@@ -45,11 +45,16 @@ def test_flat_curve_gets_a_caution_naming_the_problem():
     assert lrs[0] <= suggestion <= lrs[-1]
 
 
-def test_lr_find_on_the_tiny_model_plots_and_hands_off_a_grid(tiny_model_dir, small_data, tmp_path, capsys,
-                                                              monkeypatch):
+def test_lr_find_on_the_tiny_model_plots_and_hands_off_a_grid(
+    tiny_model_dir, small_data, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs",
-                               {"training.gradient_accumulation_steps": 1, "name": "tiny"})
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        small_data,
+        tmp_path / "runs",
+        {"training.gradient_accumulation_steps": 1, "name": "tiny"},
+    )
     assert cli.main(["lr-find", *overrides, "--start", "1e-5", "--end", "10", "--steps", "40"]) == 0
     out = capsys.readouterr().out
     out_dir = tmp_path / "runs" / "lr-find-tiny"
