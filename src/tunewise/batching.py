@@ -218,25 +218,29 @@ def record_choice(plan_path: Path, choice: BatchingChoice) -> None:
 
 
 def batch_counts(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Token counts of one micro-batch, as device tensors (no host sync).
+    """Token counts of one micro-batch, as device tensors (no host sync); {} when it has no tokens to count.
 
-    `tokens`: real tokens (no padding); `positions`: positions computed, padding included; `trained`:
-    positions that are a loss target (labels shifted by one, as the model does); `pairs`: causal attention
-    pairs (sum of l (l + 1) / 2 over the examples), for the attention FLOPs.
+    `tokens`: real tokens (no padding); `positions`: positions computed, padding included;
+    `trained_tokens`: positions that are a loss target (labels shifted by one, as the model does);
+    `attention_pairs`: causal attention pairs (sum of l (l + 1) / 2 over the examples), for the FLOPs.
     """
-    ids = inputs["input_ids"]
-    counts: dict[str, torch.Tensor] = {"positions": torch.tensor(ids.numel(), device=ids.device)}
+    shaped = next((inputs[k] for k in ("input_ids", "labels", "attention_mask") if k in inputs), None)
+    if shaped is None:
+        return {}
     if "attention_mask" in inputs:
         lengths = inputs["attention_mask"].sum(-1)
     elif "position_ids" in inputs:
         # a packed row: an example ends where the next one restarts at position 0
         lengths = (inputs["position_ids"].reshape(-1) == 0).long().cumsum(0).bincount()
     else:
-        lengths = torch.full((ids.shape[0],), ids.shape[-1], device=ids.device)
-    counts["tokens"] = lengths.sum()
-    counts["pairs"] = (lengths * (lengths + 1) // 2).sum()
+        lengths = torch.full((shaped.shape[0],), shaped.shape[-1], device=shaped.device)
+    counts = {
+        "positions": torch.tensor(shaped.numel(), device=shaped.device),
+        "tokens": lengths.sum(),
+        "attention_pairs": (lengths * (lengths + 1) // 2).sum(),
+    }
     if "labels" in inputs:
-        counts["trained"] = (inputs["labels"][..., 1:] != -100).sum()
+        counts["trained_tokens"] = (inputs["labels"][..., 1:] != -100).sum()
     return counts
 
 
@@ -305,3 +309,20 @@ def peak_flops(
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(known, indent=2), encoding="utf-8")
     return float(known[key])
+
+
+PEAK_CACHE = "peak_flops.json"  # in tunewise's cache directory
+
+
+def model_step_cost(model: Any, device: str, device_name: str, precision: str) -> StepCost:
+    """The StepCost of a loaded (PEFT) model on this device, with the peak measured once per device."""
+    from tunewise.model import cache_dir, count_parameters, torch_dtype
+
+    trainable, total = count_parameters(model)
+    base = _base(model)
+    embed, output = base.get_input_embeddings(), base.get_output_embeddings()
+    if output is None or output.weight is not embed.weight:
+        total -= embed.weight.numel()  # a lookup is no matmul; a tied embedding counts as the output layer
+    config = base.config
+    peak = peak_flops(device, device_name, torch_dtype(precision), cache_dir() / PEAK_CACHE)
+    return step_cost(total, trainable, config.num_hidden_layers, config.hidden_size, peak)
