@@ -282,7 +282,7 @@ def test_bad_input_is_one_clear_error(tiny_model_dir, tmp_path, capsys):
         assert "Traceback" not in captured.err
         return captured.err
 
-    assert "no test split" in run({"data.test": None}) and "data.test" in run({"data.test": None})
+    assert "no test split" in run({"data.test": "null"}) and "data.test" in run({"data.test": "null"})
     text = tmp_path / "text.jsonl"
     text.write_text('{"text": "just a sentence"}\n')
     assert f"{text}:1: no assistant turn" in run({"data.test": str(text)})
@@ -307,7 +307,7 @@ def test_a_user_metric_named_like_a_built_in_one_is_refused(tiny_model_dir, tmp_
 
 def test_no_test_split_raises_data_error(tiny_model_dir, tmp_path):
     data = write_chat_set(tmp_path / "chat")
-    cfg = load_config(None, tiny_overrides(tiny_model_dir, data, tmp_path / "runs", {"data.test": None}))
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, data, tmp_path / "runs", {"data.test": "null"}))
     with pytest.raises(DataError, match="set `data.test`"):
         evaluate(cfg, None)
 

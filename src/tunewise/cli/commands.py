@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise import rundir
-from tunewise.cli.printers import Printer, console, say
+from tunewise.cli.printers import Printer, console, fmt, say
 from tunewise.config import Config, load_config, starter_config_text
 from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
 from tunewise.errors import ConfigError
@@ -221,7 +221,8 @@ def _require_run_dir(path: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tunewise.evaluate import evaluate
+    from tunewise.cli.printers import EvalProgress
+    from tunewise.evaluate import compare, evaluate
 
     if args.base:
         cfg = load_config(args.config, args.overrides)
@@ -233,34 +234,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_config(run_dir / rundir.CONFIG, args.overrides)
     if args.memorization:
         return _eval_memorization(args, cfg, run_dir)
-    result = evaluate(cfg, run_dir, limit=args.limit)
-    if run_dir is not None:
-        rundir.write_json(run_dir / rundir.EVAL, result)
+    progress = EvalProgress(args.json)
+    try:
+        if run_dir is None:
+            result = evaluate(cfg, None, limit=args.limit, progress=progress)
+        else:  # base and tuned; writes eval.json and eval.jsonl
+            result = compare(cfg, run_dir, limit=args.limit, progress=progress)
+    finally:
+        progress.end()
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+        print(json.dumps(result, indent=2, default=str))
+    elif run_dir is None:
         out.eval(result)
+    else:
+        out.comparison(result, run_dir)
     return 0
 
 
 def _eval_memorization(args: argparse.Namespace, cfg: Config, run_dir: Path | None) -> int:
-    from tunewise.evaluate import check_memorization
+    from tunewise.memorization import check_memorization
 
     if run_dir is None:
         raise ConfigError(["--memorization checks a trained run: pass its RUN_DIR instead of --base"])
     result = check_memorization(cfg, run_dir, n=args.limit or 20)
     if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+        print(json.dumps(result, indent=2, default=str))
+        return 1 if result["flagged"] else 0
+    say(f"reworded prompts: {result['rephrasing']}")
     for name, label in [
         ("train", "training prompts"),
-        ("rephrased", "same, lightly rephrased"),
+        ("rephrased", "same, reworded"),
         ("heldout", "held-out prompts"),
     ]:
         numbers = result["sets"][name]
         say(
             f"  {label:<24} near-verbatim {numbers['near_verbatim']:.0%}  "
-            f"verbatim {numbers['verbatim']:.0%}  (n={numbers['n']})"
+            f"verbatim {numbers['verbatim']:.0%}  loss {fmt(numbers['loss'])}  (n={numbers['n']})"
         )
     say(result["message"], style="bold red" if result["flagged"] else "bold green")
     say(f"wrote {run_dir / rundir.MEMORIZATION}")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
+
+from tunewise import rundir
 
 if TYPE_CHECKING:
     from tunewise.check import CheckReport
@@ -79,6 +82,60 @@ class Progress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+class EvalProgress:
+    """Progress during eval, `progress(label, done, total)`: a rich bar with ETA on a terminal, a plain
+    line every 15 s elsewhere; nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.task, self.label = quiet, None, None, ""
+        self.start = self.last_print = 0.0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if label != self.label:
+            self.end()
+            self.label, self.start = label, time.time()
+            if console.is_terminal:
+                self.bar = RichProgress(
+                    TextColumn(label),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task(label, total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif done and (time.time() - self.last_print > 15 or done == total):
+            elapsed = time.time() - self.start
+            say(f"{label} {done}/{total}  elapsed {elapsed:.0f}s  eta {elapsed / done * (total - done):.0f}s")
+            self.last_print = time.time()
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _eval_rows(result: dict) -> list[tuple[str, str]]:
+    """(label, value) of one model's numbers: test and validation loss and perplexity, then each metric."""
+    from tunewise.metrics import METRICS
+
+    rows = []
+    for split in ("test", "validation"):
+        if f"{split}_loss" in result:
+            rows.append((f"{split} loss", fmt(result[f"{split}_loss"])))
+            rows.append((f"{split} perplexity", fmt(result[f"{split}_perplexity"])))
+    skip = {"which", "n", "seconds", "generation_seconds", "examples", "metric_failures"}
+    for key, value in result.items():
+        if key not in skip and not key.startswith(("test_", "validation_")):
+            shown = f"{value:.1%}" if key in METRICS and value is not None else fmt(value)  # theirs: any
+            rows.append((key.replace("_", " "), shown))
+    return rows
 
 
 class Printer:
@@ -155,16 +212,40 @@ class Printer:
                 say(f"         fix: {fix.change}  ({fix.why})")
 
     def eval(self, result: dict) -> None:
-        """One evaluation's exact match (and JSON validity and field accuracy for the bundled task)."""
-        extra = ""
-        if "field_accuracy" in result:
-            extra = f", valid JSON {result['valid_json']:.0%}, field accuracy {result['field_accuracy']:.1%}"
+        """One model's evaluation on one line: losses, then each generation metric."""
+        numbers = ", ".join(f"{label} {value}" for label, value in _eval_rows(result))
         say(
-            f"{result['which']} model: exact match {result['exact_match']:.1%} "
-            f"on {result['n']} test examples{extra} "
-            f"({result['seconds']}s)",
+            f"{result['which']} model on {result['n']} test examples: {numbers} ({result['seconds']}s)",
             style="bold",
         )
+
+    def comparison(self, result: dict, run_dir: Path) -> None:
+        """Base vs tuned (eval.json): the numbers side by side, then the worst regressions and best gains."""
+        base, tuned = result["base"], result["tuned"]
+        say(
+            f"eval on {tuned['n']} test examples; metrics: {', '.join(result['metrics'])} "
+            f"({result['metrics_chosen']}); max_new_tokens {result['max_new_tokens']} "
+            f"({result['max_new_tokens_from']})"
+        )
+        say(f"  {'':<22}{'base':>10}{'tuned':>10}", style="bold")
+        for (label, b), (_, t) in zip(_eval_rows(base), _eval_rows(tuned), strict=True):
+            say(f"  {label:<22}{b:>10}{t:>10}")
+        examples = run_dir / rundir.EVAL_EXAMPLES
+        for which in ("base", "tuned"):
+            if result[which].get("metric_failures"):
+                say(
+                    f"  {result['user_metric']} failed on {result[which]['metric_failures']} {which} "
+                    f"example(s); their errors are in {examples}",
+                    style="yellow",
+                )
+        for title, records in (("worst regressions", result["regressions"]), ("best gains", result["gains"])):
+            if records:
+                say(f"{title} ({result['primary_metric']}, tuned - base):", style="bold")
+            for r in records:
+                say(f"  {r['source']}  {r['change']:+.2f}  prompt: {r['prompt'][:70]!r}")
+                for key in ("reference", "base", "tuned"):
+                    say(f"      {key + ':':<10} {r[key][:70]!r}")
+        say(f"wrote {run_dir / rundir.EVAL} and {examples} (every example: both answers, scores)")
 
     def result(self, result: RunResult) -> None:
         """How a training run ended, the doctor's findings, and where its directory is."""

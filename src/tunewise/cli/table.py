@@ -79,7 +79,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command(
         commands.cmd_eval,
-        "exact-match accuracy on the test split, base model or tuned run",
+        "base vs tuned on the test split: loss, perplexity, generation metrics, per-example eval.jsonl",
         (
             option("run_dir", nargs="?", help="run directory to evaluate"),
             option(
