@@ -64,6 +64,28 @@ class StepRecord:
         self.micro += 1
         self._settled = False
 
+    def watch_step(
+        self,
+        training_step: Callable[..., torch.Tensor],
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Run a micro-batch's `training_step` (the Trainer's or an override); record loss and tokens."""
+        kept = {k: inputs[k] for k in ("attention_mask", "labels") if k in inputs}  # before any pop
+        loss = training_step(model, inputs, *args, **kwargs)
+        self.add(loss, kept)
+        return loss
+
+    def watch_grad_norm(
+        self, get_grad_norm: Callable[..., Any], model: torch.nn.Module, grad_norm: Any = None
+    ) -> Any:
+        """Run the Trainer's `_get_grad_norm` and record the pre-clip gradient norm it returns."""
+        norm = get_grad_norm(model, grad_norm=grad_norm)
+        self.grad_norm = float(norm) if norm is not None else None
+        return norm
+
     def settle(self) -> None:
         """Copy the step's sums to the host (idempotent until the next micro-batch)."""
         if self._settled:
@@ -85,15 +107,10 @@ class WatchedTrainer(Trainer):
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        kept = {k: inputs[k] for k in ("attention_mask", "labels") if k in inputs}  # before any pop
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_record.add(loss, kept)
-        return loss
+        return self.step_record.watch_step(super().training_step, model, inputs, num_items_in_batch)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.step_record.grad_norm = float(norm) if norm is not None else None
-        return norm
+        return self.step_record.watch_grad_norm(super()._get_grad_norm, model, grad_norm)
 
 
 def _finite(x: float | None) -> bool:
@@ -119,6 +136,7 @@ class StepMonitor(TrainerCallback):
         on_step: Callable[[dict], None] | None = None,
         memory_limit: int = 0,
         is_main: bool = True,
+        rewrite: Callable[[Finding], Finding] | None = None,  # e.g. tunewise.watch: fixes in a script's words
     ):
         self.trainer, self.run_dir, self.watcher = trainer, run_dir, watcher
         self.on_finding, self.on_step, self.memory_limit, self.is_main = (
@@ -127,6 +145,7 @@ class StepMonitor(TrainerCallback):
             memory_limit,
             is_main,
         )
+        self.rewrite = rewrite
         self.findings: list[Finding] = []
         self.diverged_at: int | None = None
         self.stop_reason: str | None = None  # why the monitor stopped a run that did not diverge
@@ -146,6 +165,7 @@ class StepMonitor(TrainerCallback):
 
     def _emit(self, findings: list[Finding]) -> None:
         for finding in findings:
+            finding = self.rewrite(finding) if self.rewrite else finding
             self.findings.append(finding)
             if self.run_dir is not None and self.is_main:
                 append_findings(self.run_dir / rundir.FINDINGS, [finding])
