@@ -132,3 +132,15 @@ def test_module_entry_point_runs_a_verb(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "wrote" in proc.stdout
+
+
+def test_resume_with_nproc_relaunches_the_newest_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("older", "newer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("{}\n")
+    launched = []
+    monkeypatch.setattr(commands, "_launch_distributed", lambda args, cfg: launched.append(cfg.name) or 0)
+    monkeypatch.delenv("TUNEWISE_CHILD", raising=False)
+    args = parse_args(["train", f"output_dir={tmp_path}", "--resume", "--nproc", "2"])
+    assert args.func(args) == 0
+    assert launched == ["newer"]  # not a new, empty run directory

@@ -122,10 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     child = bool(os.environ.get("TUNEWISE_CHILD"))  # a process torchrun started for `--nproc`
-    if args.nproc and args.nproc > 1 and not child:
-        return _launch_distributed(args, cfg)
     if args.resume and not cfg.name:
         cfg.name = _latest_run_name(Path(cfg.output_dir))
+    if args.nproc and args.nproc > 1 and not child:
+        return _launch_distributed(args, cfg)
     check = None
     if not child:
         report = run_check(cfg)
