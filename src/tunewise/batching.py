@@ -33,6 +33,7 @@ from transformers import AttentionInterface, DataCollatorWithFlattening
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunewise import rundir
 from tunewise.data import DataCollator
 
 logger = logging.getLogger(__name__)
@@ -209,9 +210,9 @@ def sampling_strategy(batching: Batching) -> str | None:
 
 def record_choice(plan_path: Path, choice: BatchingChoice) -> None:
     """Write the batching used into plan.json (the plan is written before the model is loaded)."""
-    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+    plan = rundir.read_json_object(plan_path)
     plan["batching"] = choice.to_dict()
-    plan_path.write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+    rundir.write_json(plan_path, plan)
 
 
 # ----------------------------------------------------------------------------- what a step costs

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tunewise import rundir
 from tunewise.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -867,7 +868,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def load_resolved(run_dir: Path) -> Config:
     """Load the resolved `config.yaml` a run directory recorded."""
-    return load_config(run_dir / "config.yaml")
+    return load_config(run_dir / rundir.CONFIG)
 
 
 # ----------------------------------------------------------------------------- tunewise init

@@ -9,7 +9,6 @@ unquantized in the chosen dtype first, and the result says so.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Literal
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunewise.config import Config, load_config
+from tunewise import rundir
+from tunewise.config import Config, load_resolved
 from tunewise.errors import ConfigError, ModelError
 from tunewise.model import resolve_model_path, torch_dtype
 
@@ -38,14 +38,14 @@ class MergeResult:
 
 
 def _run_config(run_dir: Path) -> Config:
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / rundir.CONFIG).is_file():
         raise ConfigError(
             [
                 f"`{run_dir}` is not a run directory (no config.yaml); pass the directory that "
                 "`tunewise train` printed"
             ]
         )
-    return load_config(run_dir / "config.yaml")
+    return load_resolved(run_dir)
 
 
 def _adapter_dir(run_dir: Path) -> Path:
@@ -112,7 +112,7 @@ def merge_adapter(run_dir: Path, out_dir: Path, dtype: Dtype = "fp32") -> MergeR
         "dtype": dtype,
         "notes": result.notes,
     }
-    (out_dir / "tunewise_merge.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    rundir.write_json(out_dir / "tunewise_merge.json", provenance)
     return result
 
 
