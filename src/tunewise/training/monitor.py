@@ -7,8 +7,10 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
     so the optimizer leaves weights and moments untouched: with bf16 there is no loss scaler to do it);
   - writes one metrics.jsonl line per optimizer step and per evaluation (NaN stays NaN);
   - feeds the doctor's CurveWatcher (tunewise.doctor) and writes its findings to findings.jsonl at once;
-  - stops the run: at the first non-finite step (`diverged_at`), or when the doctor finds that batches
-    train no token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence);
+  - stops the run at the step the doctor finds a divergence (`diverged_at`, `divergence`): a non-finite
+    step, or any error whose code counts toward the "diverged" verdict (tunewise.doctor.codes: an
+    explosion is a divergence whether or not it is NaN); or when the doctor finds that batches train no
+    token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence);
   - runs the doctor's end-of-run checks when training ends; `findings` holds everything it found.
 """
 
@@ -26,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunewise import rundir
+from tunewise.doctor.codes import DIVERGED_CODES
 from tunewise.doctor.findings import Finding, append_findings
 from tunewise.doctor.memory import check_memory
 from tunewise.doctor.watcher import CurveWatcher
@@ -117,6 +120,11 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _divergences(findings: list[Finding]) -> list[Finding]:
+    """The errors among `findings` whose code counts toward the "diverged" verdict."""
+    return [f for f in findings if f.severity == "error" and f.code in DIVERGED_CODES]
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this process: GPU memory allocated on CUDA, resident set size on the CPU."""
     if torch.cuda.is_available():
@@ -148,6 +156,7 @@ class StepMonitor(TrainerCallback):
         self.rewrite = rewrite
         self.findings: list[Finding] = []
         self.diverged_at: int | None = None
+        self.divergence: Finding | None = None  # the error that stopped the run as diverged
         self.stop_reason: str | None = None  # why the monitor stopped a run that did not diverge
         self.skipped_steps: list[int] = []
         self.last_step_time = self.start = time.time()
@@ -228,11 +237,12 @@ class StepMonitor(TrainerCallback):
         if state.global_step == 1 and self.memory_limit:
             self._emit(check_memory(record["memory_bytes"], self.memory_limit))
         finite = _finite(loss) and (rec.grad_norm is None or _finite(rec.grad_norm))
-        # With no trained token the loss is 0/0: no signal, not a divergence; the doctor decides when to stop.
-        if not finite and rec.trained_tokens != 0 and self.diverged_at is None:
-            self.diverged_at = state.global_step
-            control.should_training_stop = True
-            control.should_save = True  # save state at the step of divergence (weights are still finite)
+        # A NaN loss with trained tokens is a divergence; with none it is 0/0, no signal (the doctor decides
+        # when to stop). A NaN grad norm alone had its update skipped: the doctor says whether it diverged.
+        if (not _finite(loss) and rec.trained_tokens != 0) or _divergences(new):
+            self._diverged(state.global_step, new, control)
+            # The weights after a skipped update are still good; after an explosion they are not: no save.
+            control.should_save = control.should_save or not finite
         untrained = [f for f in new if f.code == "no_trainable_tokens" and f.severity == "error"]
         if untrained and self.stop_reason is None:
             self.stop_reason = (
@@ -244,10 +254,22 @@ class StepMonitor(TrainerCallback):
             self.on_step(record)
         rec.reset()
 
+    def _diverged(self, step: int, new: list[Finding], control: TrainerControl) -> None:
+        """Stop the run as diverged at `step` (the first divergence only)."""
+        if self.diverged_at is not None:
+            return
+        found = _divergences(new)
+        self.diverged_at, self.divergence = step, found[0] if found else None
+        control.should_training_stop = True
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._emit(self.watcher.finish())  # end-of-run checks: a loss that stayed flat, a spike never over
+        # End-of-run checks: a loss that stayed flat, a spike never over (a divergence at the last step).
+        new = self.watcher.finish()
+        self._emit(new)
+        if _divergences(new):
+            self._diverged(state.global_step, new, control)
 
     def on_evaluate(
         self,

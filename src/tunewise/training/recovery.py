@@ -46,6 +46,23 @@ def recover(
     return Recovery(apply_change(cfg, fix.change), good, fix, finding)
 
 
+def divergence_message(cfg: Config, step: int, finding: Finding | None, changes: list[str]) -> str:
+    """Why a run ended as diverged at `step` and what to do next (result.json's `error`; train prints it)."""
+    what = finding.title if finding else f"the run diverged at step {step}"
+    if cfg.doctor.on_divergence == "recover":
+        tried = f" after {len(changes)} recovery attempt(s) ({', '.join(changes)})" if changes else ""
+        return (
+            f"{what}; still diverging{tried}: stopped at step {step}, no recovery left "
+            f"(doctor.max_recoveries={cfg.doctor.max_recoveries})"
+        )
+    fixes = [f.change for f in (finding.fixes if finding else []) if f.change] or [next_fix(cfg, 0).change]
+    return (
+        f"{what}; stopped at step {step} (doctor.on_divergence: stop). Next: train again with "
+        f"`{fixes[0]}`, or with `doctor.on_divergence=recover` to roll back to the last good checkpoint and "
+        "retry with the doctor's fixes"
+    )
+
+
 def next_fix(cfg: Config, attempt: int) -> Fix:
     """The next untried fix in the doctor's order: lr / 10, then clipping, then warmup."""
     order = recovery_fixes(cfg.training["learning_rate"], cfg.training.get("max_grad_norm"))

@@ -33,7 +33,7 @@ from tunewise.rundir import RunResult
 from tunewise.training.callbacks import LearningRateReset, PauseAt
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
-from tunewise.training.recovery import recover
+from tunewise.training.recovery import divergence_message, recover
 from tunewise.training.samples import write_samples
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,9 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
             return _finish(trainer, setup, "stopped" if paused else "completed", extra)
         if doctor.on_divergence != "recover" or attempt == doctor.max_recoveries:
             extra = {**summary, "diverged_at": monitor.diverged_at, "recovery_changes": changes}
-            return _finish(trainer, setup, "diverged", extra)
+            result = _finish(trainer, setup, "diverged", extra)
+            result.error = divergence_message(setup.cfg, monitor.diverged_at, monitor.divergence, changes)
+            return result
         recovery = recover(
             setup.cfg, run_dir, attempt, monitor.diverged_at, monitor.trouble_began, hooks.on_finding
         )
@@ -162,6 +164,10 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     cfg, run_dir, prepared = setup.cfg, setup.run_dir, setup.prepared
     hw, tokenizer, bundle = prepared.hw, prepared.tokenizer, prepared.bundle
     model = load_model(cfg, hw, tokenizer, prepared.pad_added)
+    vocab_size = int(getattr(model.config, "vocab_size", 0) or 0) or None
+    if is_main_process() and vocab_size:  # ln(vocab size) is the loss of a model that knows nothing
+        plan = rundir.read_json_object(run_dir / rundir.PLAN)
+        rundir.write_json(run_dir / rundir.PLAN, {**plan, "vocab_size": vocab_size})
     choice = choose_batching(model, cfg.data.batching)  # padding_free only where examples stay apart
     if is_main_process():
         record_choice(run_dir / rundir.PLAN, choice)
@@ -190,7 +196,7 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     monitor = StepMonitor(
         trainer,
         run_dir,
-        _watcher(cfg, args, plan.total_steps, plan.steps_per_epoch),
+        _watcher(cfg, args, plan.total_steps, plan.steps_per_epoch, vocab_size),
         on_finding=setup.hooks.on_finding,
         on_step=setup.hooks.on_step,
         memory_limit=hw.memory_bytes,
@@ -243,7 +249,9 @@ def training_arguments(cfg: Config, run_dir: Path, hw: Hardware, has_eval: bool)
     return TrainingArguments(output_dir=str(run_dir), **t)
 
 
-def _watcher(cfg: Config, args: TrainingArguments, total_steps: int, steps_per_epoch: int) -> CurveWatcher:
+def _watcher(
+    cfg: Config, args: TrainingArguments, total_steps: int, steps_per_epoch: int, vocab_size: int | None
+) -> CurveWatcher:
     warm = args.warmup_steps
     warmup = int(warm * total_steps) if 0 < warm < 1 else int(warm)
     return CurveWatcher(
@@ -253,6 +261,7 @@ def _watcher(cfg: Config, args: TrainingArguments, total_steps: int, steps_per_e
         warmup_steps=warmup,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
+        vocab_size=vocab_size,
     )
 
 
