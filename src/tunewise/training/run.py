@@ -30,7 +30,8 @@ from tunewise.model import Hardware, load_model
 from tunewise.plan import Prepared, plan_steps, prepare
 from tunewise.report import write_report
 from tunewise.rundir import RunResult
-from tunewise.training.callbacks import LearningRateReset, PauseAt
+from tunewise.training.callbacks import DiskGuard, LearningRateReset, PauseAt, StopOnSignal
+from tunewise.training.checkpoints import CrashSafeTrainer, resumable
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
 from tunewise.training.recovery import divergence_message, recover
@@ -120,7 +121,11 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
     run_dir, hooks = setup.run_dir, setup.hooks
     changes: list[str] = []
     findings: list[Finding] = []  # every attempt's, summarised in result.json
-    latest = rundir.latest_checkpoint(run_dir) if resume else None
+    latest, skipped = resumable(run_dir) if resume else (None, [])
+    for line in skipped:  # torn checkpoints: named, never resumed from
+        logger.warning("%s: %s", run_dir, line)
+        if hooks.on_notice and is_main_process():
+            hooks.on_notice(f"resume: {line}")
     checkpoint = str(latest) if latest else None
     if resume and checkpoint is None:
         logger.info("no checkpoint in %s: starting from step 0", run_dir)
@@ -131,9 +136,19 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
             trainer.add_callback(LearningRateReset(setup.cfg.training["learning_rate"]))
         if hooks.on_start and is_main_process():
             hooks.on_start({"max_steps": monitor.total_steps, "attempt": attempt})
+        stopper = StopOnSignal()
+        trainer.add_callback(stopper)
+        trainer.add_callback(DiskGuard(run_dir, setup.cfg.model.method == "full"))
         trainer.train(resume_from_checkpoint=checkpoint)
         findings += monitor.findings
         summary = {"findings": [_headline(f) for f in findings if f.severity != "info"]}
+        if stopper.received is not None:  # SIGINT/SIGTERM: the step finished and was checkpointed
+            result = _finish(trainer, setup, "stopped", summary)
+            result.error = (
+                f"stopped by {stopper.received} at step {trainer.state.global_step} (checkpoint saved); "
+                f"resume with: tunewise train {run_dir / rundir.CONFIG} --resume"
+            )
+            return result
         if monitor.stop_reason is not None:  # the doctor stopped a run with nothing to learn
             result = _finish(trainer, setup, "stopped", summary)
             result.error = monitor.stop_reason
@@ -177,7 +192,7 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     args = training_arguments(cfg, run_dir, hw, has_eval)
     # The TensorBoard callback reads the env var in this release; keep events inside the run directory.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
-    trainer = WatchedTrainer(
+    trainer = CrashSafeTrainer(
         model=model,
         args=args,
         train_dataset=bundle.to_hf("train"),

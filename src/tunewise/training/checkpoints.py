@@ -1,0 +1,206 @@
+"""Crash-safe checkpoints: a checkpoint directory is complete or it does not count.
+
+The Trainer writes each checkpoint into a staging directory (`<run>/.saving/checkpoint-N`); every
+file is fsynced, a small manifest (step, files, sizes) is written last, and the directory is renamed
+to `<run>/checkpoint-N`. A process killed mid-save leaves only the staging directory, which no reader
+takes for a checkpoint. `resumable` returns the newest checkpoint whose manifest validates and names
+each torn one it skipped; `prune` applies the retention limit but never deletes the best checkpoint,
+the newest complete one, or anything without tunewise's manifest. `room_problem` says, before training,
+whether the run directory is writable and has room for the checkpoints the run will keep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunewise import rundir
+from tunewise.training.monitor import WatchedTrainer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "tunewise-checkpoint.json"  # written last: its presence and sizes make a checkpoint complete
+STAGING = ".saving"  # where a checkpoint is written before it is renamed into place
+ADAM_STATES = 2  # exp_avg and exp_avg_sq: fp32 copies of every trainable parameter
+SMALL_FILES = 32 * 2**20  # tokenizer, scheduler, RNG, trainer state, config: a generous allowance
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written; the message names it, the cause, the last good one and the fix."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """fsync every file of a staged checkpoint, then write (and fsync) its manifest last."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(path)
+        files[str(path.relative_to(folder))] = path.stat().st_size
+    manifest = folder / MANIFEST
+    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    _fsync(manifest)
+    _fsync(folder)
+
+
+def validate(folder: Path) -> str | None:
+    """Why a checkpoint directory does not count (in words), or None when it is complete."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "it has no manifest (its save never finished, or tunewise did not write it)"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        step, files = int(data["step"]), dict(data["files"])
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
+        return f"its {MANIFEST} is unreadable"
+    if step != rundir.checkpoint_step(folder):
+        return f"its manifest is for step {step}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with (truncated)"
+    return None
+
+
+def resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint, and one line for each newer one skipped and why.
+
+    Returns:
+        (checkpoint or None, skipped lines like "checkpoint-12 skipped: optimizer.pt is missing").
+    """
+    skipped = [
+        f"{STAGING}/{p.name} ignored: a save that was interrupted"
+        for p in sorted((Path(run_dir) / STAGING).glob(f"{rundir.CHECKPOINT_PREFIX}*"))
+    ]
+    for _, path in sorted(rundir.checkpoints(run_dir).items(), reverse=True):
+        reason = validate(path)
+        if reason is None:
+            return path, skipped
+        skipped.append(f"{path.name} skipped: {reason}")
+    return None, skipped
+
+
+def prune(run_dir: Path, keep: int | None, best: str | Path | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep`; never the best, the newest, or foreign ones.
+
+    Returns:
+        The deleted directories.
+    """
+    if not keep or keep < 1:
+        return []
+    complete = [p for _, p in sorted(rundir.checkpoints(run_dir).items()) if validate(p) is None]
+    protected = {complete[-1].name} if complete else set()
+    if best:
+        protected.add(Path(best).name)
+    deleted = []
+    for path in complete:
+        if len(complete) - len(deleted) <= keep:
+            break
+        if path.name not in protected:
+            shutil.rmtree(path)
+            deleted.append(path)
+    return deleted
+
+
+def checkpoint_bytes(model: Any, full: bool) -> int:
+    """Bytes one checkpoint takes: saved weights (all for full, else the trainable ones) and Adam's states."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    saved = params if full else trainable
+    weights = sum(p.numel() * p.element_size() for p in saved)
+    return weights + ADAM_STATES * 4 * sum(p.numel() for p in trainable) + SMALL_FILES
+
+
+def room_problem(run_dir: Path, per_checkpoint: int, kept: int) -> str | None:
+    """Why the run directory cannot hold the checkpoints (with the numbers and the fix), or None."""
+    probe = Path(run_dir) / ".tunewise-write-test"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write in {run_dir} ({exc.strerror}); choose a writable `output_dir`"
+    need = per_checkpoint * (kept + 1)  # the checkpoints kept plus the one being written
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        return (
+            f"{run_dir} has {free / 2**30:.2f} GiB free but {kept} checkpoint(s) of "
+            f"{per_checkpoint / 2**30:.2f} GiB plus one being written need {need / 2**30:.2f} GiB; "
+            "free space, choose another `output_dir`, or lower `training.save_total_limit`"
+        )
+    return None
+
+
+class CrashSafeTrainer(WatchedTrainer):
+    """The WatchedTrainer whose checkpoints are staged, fsynced, given a manifest and renamed into place.
+
+    The Trainer writes where `_get_output_dir` says; during a save that is the staging directory, so
+    its own rotation only ever sees the checkpoint being written and retention is `prune`'s.
+    """
+
+    _staging_root: Path | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        name = f"{rundir.CHECKPOINT_PREFIX}{step}"
+        staging = run_dir / STAGING
+        try:
+            if self.args.should_save:  # the main process; in DDP the others add their RNG files
+                shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+            staging.mkdir(parents=True, exist_ok=True)
+            self._staging_root = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            if not self.args.should_save:  # another process of a distributed run writes the files
+                return
+            self._point_best_at(run_dir, staging / name, step)
+            write_manifest(staging / name, step)
+            final = run_dir / name
+            if final.exists():  # saved again at the same step (a resumed run's last step)
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            _fsync(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+        except Exception as exc:  # OSError, safetensors' and torch's own errors for a full disk
+            shutil.rmtree(staging, ignore_errors=True)
+            good, _ = resumable(run_dir)
+            last = (
+                f"the last good checkpoint, {good.name}, is intact" if good else "no checkpoint was saved yet"
+            )
+            raise CheckpointError(
+                f"could not save {name} in {run_dir} ({type(exc).__name__}: {exc}); the run stops here and "
+                f"{last}. Free space or fix the permissions of {run_dir}, then run `tunewise train "
+                f"{run_dir / rundir.CONFIG} --resume`"
+            ) from exc
+        deleted = prune(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        if deleted:
+            logger.info("retention: deleted %s", ", ".join(p.name for p in deleted))
+
+    def _point_best_at(self, run_dir: Path, staged: Path, step: int) -> None:
+        """The Trainer looked for the best checkpoint in the staging directory: point it at the real one."""
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = run_dir / f"{rundir.CHECKPOINT_PREFIX}{best_step}"
+        if best_step == step or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+            self.state.save_to_json(str(staged / "trainer_state.json"))
