@@ -80,6 +80,14 @@ def test_llamafactory_log_with_nan_and_grad_norm(tmp_path: Path) -> None:
     assert d.verdict == "diverged" and d.findings[0].step == 35
 
 
+def test_real_axolotl_dir_gives_method_rate_and_vocabulary() -> None:
+    (path,) = corpus_entries("axolotl")[:1]
+    context = read_context(path)
+    assert context["method"] in ("lora", "qlora", "full") and context["learning_rate"] > 0
+    assert context["vocab_size"] > 1000  # from the model's config.json
+    assert load_curve(path).checkpoints
+
+
 def test_axolotl_output_dir_reads_the_newest_checkpoint_and_the_config_in_the_card() -> None:
     curve = load_curve(FORMATS / "axolotl")
     assert curve.train[-1].step == 40 and len(curve.train) == 40 and curve.checkpoints == [20, 40]
@@ -129,8 +137,9 @@ def corpus_entries(kind: str) -> list[Path]:
 @pytest.mark.parametrize("kind", ["llamafactory", "axolotl"])
 def test_real_corpus_runs_of_each_format_are_read(kind: str) -> None:
     paths = corpus_entries(kind)
-    if not paths:
-        pytest.skip(f"the corpus holds no {kind} run yet (the documented-format fixtures above cover it)")
+    assert paths, f"the corpus holds no {kind} run (tests/fixtures/real_runs/*/manifest.jsonl)"
     for path in paths:
         curve = load_curve(path)
-        assert curve.train or curve.eval, path
+        assert len(curve.train) >= 5 and all(p.step > 0 for p in curve.train), path
+        context = read_context(path)
+        assert context.get("method") in ("lora", "qlora", "full", "freeze", None), (path, context)

@@ -346,3 +346,24 @@ def test_live_per_step_noise_of_small_batches_raises_no_error_and_stays_healthy(
         w.finish()
         assert not [f for f in w.findings if f.severity == "error"], (seed, fired({0: w.findings}))
         assert diagnose_curve(curve_of(losses, grads)).verdict == "healthy", seed
+
+
+def test_doctor_command_prints_strict_json(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    state = Path(__file__).parents[1] / "fixtures" / "trainer_states" / "nan_loss.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunewise.cli", "doctor", str(state), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr  # an error finding
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"bare {constant} in doctor --json")
+
+    data = json.loads(proc.stdout, parse_constant=refuse)
+    assert data["verdict"] == "diverged" and data["evidence"]["loss_last_non_finite"] == "NaN"
