@@ -20,9 +20,9 @@ user gets), then `tunewise doctor --json` on its run directory. For each rung it
   - the curve (loss and grad_norm per step).
 
 A run that the doctor stops early has a short curve. With `--full-curves DIR` the bench also diagnoses,
-post hoc, the full curve of the same rung recorded in DIR (the corpus fixtures of
-tests/fixtures/real_runs/smollm2/, made before the monitor stopped on explosions), so both the live stop
-and the verdict on the whole curve are in the table.
+post hoc, the full curve of the same rung recorded in DIR as `ladder-<run name>.json` (the corpus
+fixtures of tests/fixtures/real_runs/smollm2/, made by the baseline ladder, before the monitor stopped on
+explosions), so both the live stop and the verdict on the whole curve are in the table.
 
     PYTHONPATH=src python benchmarks/bench_doctor_ladder.py [--steps 20] [--methods lora,full] \
         [--label baseline] [--full-curves tests/fixtures/real_runs/smollm2] [--keep-runs DIR]
@@ -48,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks" / "ladder"))
 
-from curves import DEFINITIONS, finite, label_by_numbers, left_start, read_jsonl, train_records  # noqa: E402
+from curves import DEFINITIONS, finite, label_run, left_start, read_jsonl, train_records  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "doctor_ladder.json"
 CONFIG = ROOT / "benchmarks" / "ladder" / "chat.yaml"
@@ -143,14 +143,14 @@ def run_rung(
         "first_error": _summary(first_error),
         **where,
         "delay": (first_error["step"] - where["rose_at"]) if first_error and where["rose_at"] else None,
-        "by_numbers": label_by_numbers([x for _, x in losses], [r["grad_norm"] for r in metrics]),
+        "by_numbers": label_run([x for _, x in losses], [r["grad_norm"] for r in metrics]),
         "recovery_changes": result.get("recovery_changes") or [],
         "loss_first": losses[0][1] if losses else None,
         "loss_max": max((x for _, x in losses if finite(x)), default=None),
         "loss_last": losses[-1][1] if losses else None,
         "curve": {"loss": [x for _, x in losses], "grad_norm": [r["grad_norm"] for r in metrics]},
     }
-    fixture = full_curves / f"{name}.json" if full_curves else None
+    fixture = full_curves / f"ladder-{name}.json" if full_curves else None  # save_fixtures --prefix ladder-
     if fixture and fixture.is_file() and len(metrics) < steps:
         full = json.loads(fixture.read_text())
         logs = [h for h in full["log_history"] if "loss" in h]
@@ -158,7 +158,7 @@ def run_rung(
         rung["full_curve"] = {
             "file": str(fixture.relative_to(ROOT)),
             "verdict": diagnose(fixture, log).get("verdict"),
-            "by_numbers": label_by_numbers([x for _, x in full_losses], [h.get("grad_norm") for h in logs]),
+            "by_numbers": label_run([x for _, x in full_losses], [h.get("grad_norm") for h in logs]),
             **left_start(full_losses),
         }
     return rung

@@ -17,7 +17,10 @@ DEFINITIONS = {
     "rose_at": f"first step whose loss is above {ROSE}x the step-1 loss, or not finite",
     "fell_at": f"first step whose loss is below {FELL}x the step-1 loss",
     "delay": "the first live error's step minus rose_at",
-    "by_numbers": "the label of tests/fixtures/real_runs/LABELS.md's rules R1-R8 (train logs only)",
+    "by_numbers": (
+        "the label of tests/fixtures/real_runs/LABELS.md's rules R1-R8 (train logs only), then one read: R4a "
+        "against the first log when the loss exploded within the first three (curves.label_run)"
+    ),
 }
 
 
@@ -132,6 +135,24 @@ def label_by_numbers(losses: list[float], grad_norms: list[float | None]) -> dic
     if done < 0.10:
         return verdict("flat", "not_learning", "R7")
     return verdict("healthy", None, "R8")
+
+
+def label_run(losses: list[float], grad_norms: list[float | None]) -> dict:
+    """LABELS.md's rules, then the human read they leave open for an explosion in the first logs.
+
+    R4a measures the end against S, the larger of the first log and the median of the first three;
+    when the loss exploded within those three logs S is already exploded and R4a cannot see that the
+    run ended far above where it started. The read applies R4a against the first log itself (the loss
+    of the model before any update): F >= 1.5 x S0 and F >= S0 + 0.2 -> diverged.
+    """
+    verdict = label_by_numbers(losses, grad_norms)
+    if verdict["label"] in ("diverged", "insufficient-data") or not verdict["numbers"].get("F"):
+        return verdict
+    s0, end = losses[0], verdict["numbers"]["F"]
+    if finite(s0) and end >= 1.5 * s0 and end >= s0 + 0.2:
+        note = f"{verdict['rule']} by rule; read: F={end} is {end / s0:.1f}x the first log S0={round(s0, 4)}"
+        return {**verdict, "label": "diverged", "cause": "explosion", "rule": note}
+    return verdict
 
 
 def to_trainer_state(records: list[dict], batch_size: int) -> dict:

@@ -5,7 +5,7 @@ Each run directory's metrics.jsonl becomes the trainer_state.json Trainer would 
 About 30% of each label goes to `holdout` (seeded, stratified); runs already in the manifest keep their split
 and a run saved again replaces its line.
 
-    python benchmarks/ladder/save_fixtures.py RUN_DIR [RUN_DIR ...] [--out tests/fixtures/real_runs/smollm2]
+    python benchmarks/ladder/save_fixtures.py RUN_DIR [RUN_DIR ...] --code COMMIT [--prefix P] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import random
 from pathlib import Path
 
 import yaml
-from curves import label_by_numbers, read_jsonl, to_trainer_state, train_records
+from curves import label_run, read_jsonl, to_trainer_state, train_records
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 OUT = ROOT / "tests" / "fixtures" / "real_runs" / "smollm2"
 HOLDOUT, SEED = 0.3, 2014
 
 
-def describe(run_dir: Path) -> str:
-    """How the run was made, from its resolved config.yaml and result.json."""
+def describe(run_dir: Path, code: str) -> str:
+    """How the run was made, from its resolved config.yaml and result.json; `code`: which tunewise."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     t, result = cfg["training"], json.loads((run_dir / "result.json").read_text())
     return (
@@ -32,12 +32,13 @@ def describe(run_dir: Path) -> str:
         f"(benchmarks/ladder/make_chat.py, seed 0), {t['max_steps']} steps, batch "
         f"{t['per_device_train_batch_size']}x{t['gradient_accumulation_steps']}, lr {t['learning_rate']:g} "
         f"{t['lr_scheduler_type']}, warmup {t['warmup_steps']}, max_grad_norm {t['max_grad_norm']}, "
-        f"optim {t['optim']}, CPU bf16; doctor.on_divergence {cfg['doctor']['on_divergence']}; "
+        f"optim {t['optim']}, CPU bf16; tunewise {code}, "
+        f"doctor.on_divergence {cfg['doctor']['on_divergence']}; "
         f"status {result['status']} at step {result['global_step']}"
     )
 
 
-def manifest_line(run_dir: Path, name: str) -> tuple[dict, dict]:
+def manifest_line(run_dir: Path, name: str, code: str) -> tuple[dict, dict]:
     """(the fixture's trainer_state, its manifest line without a split)."""
     records = train_records(run_dir)
     steps = [r["step"] for r in records]
@@ -45,13 +46,13 @@ def manifest_line(run_dir: Path, name: str) -> tuple[dict, dict]:
         raise SystemExit(f"{run_dir}: steps go back (a recovered run); keep one attempt per fixture")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     state = to_trainer_state(records, cfg["training"]["per_device_train_batch_size"])
-    label = label_by_numbers([r["loss"] for r in records], [r["grad_norm"] for r in records])
+    label = label_run([r["loss"] for r in records], [r["grad_norm"] for r in records])
     numbers = ", ".join(f"{k}={v}" for k, v in label["numbers"].items())
     has_eval = any(r.get("type") == "eval" for r in read_jsonl(run_dir / "metrics.jsonl"))
     line = {
         "file": f"{name}.json",
         "format": "trainer_state",
-        "source": {"made": describe(run_dir)},
+        "source": {"made": describe(run_dir, code)},
         "task": "lora" if cfg["model"]["method"] == "lora" else "sft",
         "has_eval": has_eval,
         "label": label["label"],
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--prefix", default="", help="prepended to each run directory's name")
+    parser.add_argument("--code", required=True, help="the tunewise commit that trained the runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = args.out / "manifest.jsonl"
@@ -89,7 +91,7 @@ def main() -> None:
     lines = {line["file"]: line for line in old}
     for run_dir in args.runs:
         name = args.prefix + run_dir.name
-        state, line = manifest_line(run_dir, name)
+        state, line = manifest_line(run_dir, name, args.code)
         (args.out / line["file"]).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         lines[line["file"]] = line
     ordered = sorted(lines.values(), key=lambda line: line["file"])
