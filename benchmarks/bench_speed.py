@@ -23,7 +23,12 @@ model received (`tunewise.batching.batch_counts`: trained = loss targets, tokens
 computed positions, padding included). MFU: model FLOPs (tunewise.batching.StepCost: 4N + 2N_trainable per
 token plus the attention pairs, padding not counted) over the matmul peak measured at the start.
 
-    PYTHONPATH=src python benchmarks/bench_speed.py [--steps 8] [--datasets bundled,varied]
+    PYTHONPATH=src python benchmarks/bench_speed.py [--steps 8] [--datasets bundled,varied] [--runs R1,R2]
+        [--runs-for bundled=tunewise,trl_matched] [--model NAME]
+
+The numbers in benchmarks/results/speed.json were taken on a shared 2-core machine under heavy load from
+other work (load average ~18), so with few steps: `--steps 4 --datasets varied,bundled
+--runs tunewise,trl_matched,trl_padding_free,trl_defaults --runs-for bundled=tunewise,trl_matched`.
 
 Writes benchmarks/results/speed.json and prints a markdown table.
 """
@@ -392,7 +397,10 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--datasets", default="bundled,varied")
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(RUNS), help="runs for every dataset, in this order")
+    parser.add_argument(
+        "--runs-for", action="append", default=[], metavar="DATASET=RUNS", help="other runs for one dataset"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name for every run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -419,9 +427,10 @@ def main() -> None:
     files = {"bundled": str(bundled_data_dir() / "train.jsonl"), "varied": str(tmp / "varied.jsonl")}
     results: dict[str, dict[str, dict]] = {}
     started = time.time()
+    runs_for = dict(item.split("=", 1) for item in args.runs_for)
     for dataset in args.datasets.split(","):
         results[dataset] = {}
-        for run in args.runs.split(","):
+        for run in runs_for.get(dataset, args.runs).split(","):
             spec = {
                 "run": run,
                 "dataset": dataset,
@@ -477,7 +486,7 @@ def main() -> None:
         "steps": args.steps,
         "settings": {"matched": MATCHED, "lora": LORA, "max_length": MAX_LENGTH},
         "varied_lengths": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
-        "order": "per dataset: " + ", ".join(args.runs.split(",")),
+        "order": {d: runs_for.get(d, args.runs) for d in args.datasets.split(",")},
         "wall_s": time.time() - started,
         "ratios": summary,
         "runs": results,
