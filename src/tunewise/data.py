@@ -118,9 +118,13 @@ def _chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> str |
 def _render(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None, generation: bool = False
 ) -> str:
-    """The chat template applied to messages, as text."""
+    """The chat template applied to messages (and the tools a `formats.Conversation` declares), as text."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation, chat_template=template
+        messages,
+        tools=getattr(messages, "tools", None),
+        tokenize=False,
+        add_generation_prompt=generation,
+        chat_template=template,
     )
 
 

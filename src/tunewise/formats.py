@@ -1,8 +1,12 @@
 """Data files -> conversations: read rows from any supported file and normalise each to messages.
 
 Rows come from JSONL, JSON, CSV, Parquet or a `save_to_disk` directory in one of five formats
-(OpenAI messages, ShareGPT, Alpaca, prompt/completion, plain text) and are normalised to a list of
-`{"role", "content"}` messages. Plain text rows become one message with the marker role `"text"`.
+(OpenAI messages, ShareGPT, Alpaca, prompt/completion, plain text) and are normalised to a
+`Conversation`: a list of `{"role", "content"}` messages. Plain text rows become one message with the
+marker role `"text"`. Every format TRL's SFT documentation lists is one of these: language modeling
+(`text`; `messages`), prompt-completion with strings or with lists of messages (`prompt` may hold a
+`system` turn), and tool calling (`tools` next to the messages, assistant turns with `tool_calls`,
+`tool` turns); the tools travel with the conversation to the chat template.
 A bad row is a `RowProblem` (reason, what, fix); a file's bad rows raise one `DataError` naming every
 file and line, or are skipped and counted with `on_bad_rows: skip`.
 """
@@ -23,7 +27,8 @@ from tunewise.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # kept on a message for the chat template (tool calling)
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", **{role: role for role in ROLES}}
 TEXT_ROLE = "text"  # marker role of plain-text rows: no chat template, every token trained
 FORMAT_FIELDS = {  # format -> the fields it needs (auto-detection checks them in this order)
@@ -38,6 +43,19 @@ SKIP_HINT = "or set `data.on_bad_rows: skip` to skip bad rows and count them"
 MAX_DEPTH = 200  # brackets deeper than this are blamed when Python's JSON reader runs out of stack
 _SHORT = reprlib.Repr()  # a bounded repr of a bad value, however long or deep
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
+
+
+class Conversation(list):
+    """One row's messages, a list of {role, content, ...} dicts, and the tools the row declares (TRL's `tools`
+    column: JSON schemas the chat template renders). A slice keeps the tools, so a prefix renders the same."""
+
+    def __init__(self, messages: list[dict] | None = None, tools: list[dict] | None = None):
+        super().__init__(messages or [])
+        self.tools = tools
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        return Conversation(item, self.tools) if isinstance(index, slice) else item
 
 
 class RowProblem(Exception):
@@ -276,40 +294,79 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _message(raw: Any, index: int) -> dict:
-    """One message as {role, content}; accepts role/content and ShareGPT's from/value."""
+def _message(raw: Any, index: int, where: str = "message") -> dict:
+    """One message as {role, content} (plus tool_calls, name, tool_call_id when present); accepts
+    role/content and ShareGPT's from/value. An assistant turn that calls tools may have no content."""
     if not isinstance(raw, dict):
         raise RowProblem(
             "bad_structure",
-            f"message {index} is {type(raw).__name__}, not an object",
+            f"{where} {index} is {type(raw).__name__}, not an object",
             'write each message as {"role": ..., "content": ...}',
         )
     role = raw.get("role", raw.get("from"))
     content = raw.get("content", raw.get("value"))
-    if role is None or content is None:
+    calls = raw.get("tool_calls")
+    if role is None or (content is None and not calls):
         missing = "role" if role is None else "content"
         raise RowProblem(
             "missing_field",
-            f"message {index} has no `{missing}`",
+            f"{where} {index} has no `{missing}`",
             "give every message a role and a content (ShareGPT: from and value)",
         )
     if not isinstance(role, str) or role not in SHAREGPT_ROLES:
         raise RowProblem(
             "unknown_role",
-            f"message {index} has role {_SHORT.repr(role)}",
-            "use system, user or assistant (ShareGPT: system, human or gpt)",
+            f"{where} {index} has role {_SHORT.repr(role)}",
+            "use system, user, assistant or tool (ShareGPT: system, human or gpt)",
         )
     role = SHAREGPT_ROLES[role]
-    content = _text(content, f"message {index} ({role}) content")
-    if role == "assistant" and not content.strip():
+    content = _text("" if content is None else content, f"{where} {index} ({role}) content")
+    if role == "assistant" and not content.strip() and not calls:
         raise RowProblem(
-            "empty_response", f"message {index} (assistant) is empty", "write the response, or remove the row"
+            "empty_response", f"{where} {index} (assistant) is empty", "write the response, or remove the row"
         )
-    return {"role": role, "content": content}
+    if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+        raise RowProblem(
+            "bad_structure",
+            f"{where} {index} has `tool_calls` that are not a list of objects",
+            'write them as [{"type": "function", "function": {"name": ..., "arguments": {...}}}]',
+        )
+    return {"role": role, "content": content, **{k: raw[k] for k in TOOL_KEYS if raw.get(k) is not None}}
 
 
-def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
-    """One row of any format -> a list of {role, content} messages."""
+def _turns(value: Any, name: str, role: str) -> list[dict]:
+    """A prompt or a completion: a string (one `role` turn) or a list of messages (TRL's conversational
+    prompt-completion: the prompt may start with a system turn, the completion is the assistant's)."""
+    if isinstance(value, list):
+        if not value:
+            raise RowProblem("bad_structure", f"`{name}` is an empty list", "write at least one message")
+        return [_message(m, i, f"`{name}` message") for i, m in enumerate(value)]
+    if role == "assistant":
+        return [_message({"role": role, "content": value}, 1)]  # a string completion: the answer to turn 0
+    return [{"role": role, "content": _text(value, f"`{name}`")}]
+
+
+def _tools(row: dict, cfg: DataConfig) -> list[dict] | None:
+    """The row's `tools` (a list of JSON schemas, or that list as JSON text as TRL accepts), if any."""
+    tools = _field(row, "tools", cfg, required=False)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):
+            raise RowProblem(
+                "bad_structure", "`tools` is not valid JSON", "write a JSON list of tool schemas"
+            ) from None
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RowProblem(
+            "bad_structure",
+            f"`tools` is {type(tools).__name__}, not a list of objects",
+            'write a list of tool schemas, e.g. [{"type": "function", "function": {"name": ...}}]',
+        )
+    return tools or None
+
+
+def _normalise(row: Any, fmt: str, cfg: DataConfig) -> Conversation:
+    """One row of any format -> a Conversation of {role, content} messages (and the row's tools)."""
     if not isinstance(row, dict):
         raise RowProblem(
             "bad_structure",
@@ -349,11 +406,8 @@ def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
             _message({"role": "assistant", "content": _field(row, "output", cfg)}, 1),
         ]
     elif fmt == "prompt_completion":
-        prompt = _text(_field(row, "prompt", cfg), "`prompt`")
-        messages = [
-            {"role": "user", "content": prompt},
-            _message({"role": "assistant", "content": _field(row, "completion", cfg)}, 1),
-        ]
+        messages = _turns(_field(row, "prompt", cfg), "prompt", "user")
+        messages += _turns(_field(row, "completion", cfg), "completion", "assistant")
     else:
         text = _text(_field(row, "text", cfg), "`text`")
         if not text.strip():
@@ -365,7 +419,7 @@ def _normalise(row: Any, fmt: str, cfg: DataConfig) -> list[dict]:
         problem = surrogate_problem(message["content"], f"message {i} ({message['role']})")
         if problem is not None:
             raise problem
-    return messages
+    return Conversation(messages, _tools(row, cfg) if fmt != "text" else None)
 
 
 def problem_lines(problems: list[str]) -> str:
