@@ -104,8 +104,9 @@ def run_tests(spec: str | None) -> tuple[bool, str]:
         *[f"--deselect={t}" for t in DESELECT],
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return proc.returncode == 0, (lines[0] if lines else proc.stdout.strip().splitlines()[-1:] or [""])[0]
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    tail = proc.stdout.strip().splitlines()
+    return proc.returncode == 0, failed[0] if failed else (tail[-1] if tail else "")
 
 
 def main() -> int:
@@ -124,21 +125,21 @@ def main() -> int:
     def one(m: tuple[str, str, float, float]) -> dict:
         module_name, name, original, mutated = m
         survived, detail = run_tests(f"{module_name}:{name}={json.dumps(mutated)}")
-        return {
+        result = {
             "module": module_name,
             "name": name,
             "original": original,
             "mutated": mutated,
             "caught": not survived,
-            "by": detail if not survived else None,
+            "by": None if survived else detail.removeprefix("FAILED "),
         }
+        mark = "caught  " if result["caught"] else "SURVIVED"
+        print(f"{mark} {name:<20} {original!r:>7} -> {mutated!r:<8} {result['by'] or ''}", flush=True)
+        return result
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(one, todo))
     caught = sum(r["caught"] for r in results)
-    for r in results:
-        mark = "caught  " if r["caught"] else "SURVIVED"
-        print(f"{mark} {r['name']:<20} {r['original']!r:>7} -> {r['mutated']!r:<8} {r['by'] or ''}")
     share = caught / len(results) if results else 1.0
     print(f"\n{caught}/{len(results)} mutations caught ({share:.0%}) in {time.time() - start:.0f} s")
     if args.json:
