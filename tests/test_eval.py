@@ -293,6 +293,7 @@ def test_bad_input_is_one_clear_error(tiny_model_dir, tmp_path, capsys):
     err = run({"eval.metric": f"{broken}:f"})
     assert f"importing `{broken}` failed at {broken}:2: SyntaxError" in err
     assert "unknown metric(s) bleu" in run({"eval.metrics": "[bleu]"})
+    assert "`eval.batch_size` is 0; must be >= 1" in run({"eval.batch_size": 0})
 
 
 def test_a_user_metric_named_like_a_built_in_one_is_refused(tiny_model_dir, tmp_path):
@@ -326,3 +327,30 @@ def test_eval_of_the_embedded_model_on_the_bundled_task(capsys):
         math.exp(base["test_loss"])
     )
     assert all(0.0 <= base[m] <= 1.0 for m in ("exact_match", "valid_json", "field_accuracy"))
+
+
+def test_the_report_lists_the_worst_regressions_and_best_gains(tmp_path):
+    from tunewise.report import write_report
+
+    base = {"which": "base", "n": 3, "test_loss": 2.5, "test_perplexity": math.exp(2.5), "rouge_l": 0.4}
+    tuned = {"which": "tuned", "n": 3, "test_loss": 0.5, "test_perplexity": math.exp(0.5), "rouge_l": 0.6}
+    evaluation = {
+        "base": base,
+        "tuned": tuned,
+        "metrics": ["exact_match", "rouge_l"],
+        "primary_metric": "rouge_l",
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    records = [
+        {"index": i, "source": f"test.jsonl:{i + 1}", "prompt": f"prompt {i}", "reference": f"ref {i}",
+         "base": f"base {i}", "tuned": f"tuned {i}", "change": change, "loss": {"base": 1.0, "tuned": 1.0}}
+        for i, change in enumerate([-0.5, 0.75, 0.0])
+    ]  # fmt: skip
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    html = write_report(tmp_path).read_text()
+    section = html[html.index('<section id="eval-examples">') :].split("</section>")[0]
+    assert "test loss" in section and "2.5" in section and "rouge l" in section
+    regressions, gains = section.split("<h3>Worst regressions</h3>")[1].split("<h3>Best gains</h3>")
+    assert "prompt 0" in regressions and "-0.50" in regressions and "prompt 1" not in regressions
+    assert "prompt 1" in gains and "+0.75" in gains and "prompt 2" not in gains
+    assert "3 examples in eval.jsonl" in section

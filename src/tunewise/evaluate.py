@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunewise.config import Config
-from tunewise.errors import DataError
+from tunewise.errors import ConfigError, DataError
 from tunewise.metrics import (
     METRICS,
     UserMetric,
@@ -300,6 +300,8 @@ def _evaluate_model(
         if progress:
             progress(f"{which}: loss on {eval_set.name}", 0, len(eval_set.conversations))
         losses = example_losses(model, encode_set(eval_set, tokenizer, cfg), tokenizer.pad_token_id)
+        if progress:
+            progress(f"{which}: loss on {eval_set.name}", len(losses), len(losses))
         for key, value in summarize_loss(losses).items():
             summary[f"{eval_set.name}_{key}"] = value
         if eval_set is test:
@@ -357,12 +359,14 @@ class _Plan:
 
 def _plan(cfg: Config, limit: int | None) -> _Plan:
     """Sets, metrics and the user's metric: every input error is raised here, before the slow part."""
+    bad = [f"`eval.{k}` is {v}; must be >= 1" for k, v in vars(cfg.eval).items()
+           if k in ("batch_size", "max_new_tokens") and v is not None and v < 1]  # fmt: skip
+    if bad:
+        raise ConfigError(bad)
     test = load_test_set(cfg, limit)
     user = load_user_metric(cfg.eval.metric) if cfg.eval.metric else None
     names, why = choose_metrics(test.references, cfg.eval.metrics)
     if user is not None and user.name in METRICS:
-        from tunewise.config import ConfigError
-
         raise ConfigError(
             [
                 f"`eval.metric: {user.spec}`: `{user.name}` is the name of a built-in metric; "

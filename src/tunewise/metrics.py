@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunewise.config import ConfigError
+from tunewise.errors import ConfigError
 
 Metric = Callable[[str, str], float]
 
