@@ -31,7 +31,12 @@ OVERFIT_FIXES = [
 SHAPES = {
     "healthy_lora": (set(), None, None),
     "nan_loss": ({"non_finite"}, "non_finite", DIVERGENCE_FIXES),
-    "nan_hidden_by_filter": ({"non_finite"}, "non_finite", DIVERGENCE_FIXES),
+    # a NaN hidden as 0.0 adds half precision and the logging filter to the divergence fixes
+    "nan_hidden_by_filter": (
+        {"non_finite"},
+        "non_finite",
+        [*DIVERGENCE_FIXES, "training.bf16=true", "training.logging_nan_inf_filter=false"],
+    ),
     # 2.05 -> 9.6 in the first steps is an explosion at once (4.7x the start), no spike warning first
     "early_explosion": ({"loss_explosion"}, "loss_explosion", DIVERGENCE_FIXES),
     "spike_recovers": ({"loss_spike", "grad_norm_spike"}, "loss_spike", DIVERGENCE_FIXES),

@@ -174,7 +174,12 @@ def test_zero_loss_without_grad_norm_after_a_real_loss_is_a_hidden_nan() -> None
     d = diagnose_curve(curve_of(losses, [None] * 30))
     assert d.verdict == "diverged" and d.evidence["cause"] == "nan_hidden"
     assert math.isnan(d.evidence["loss_last"]) and d.evidence["loss_first"] == 1.9
-    assert any((fix.change or "").startswith("training.learning_rate=") for fix in finding.fixes)
+    changes = [fix.change for fix in finding.fixes]
+    assert (
+        changes[0].startswith("training.learning_rate=")
+        and "training.logging_nan_inf_filter=false" in changes
+    )
+    assert len(finding.causes) == len(finding.fixes)  # each cause paired with its fix
 
 
 def test_zero_loss_with_zero_grad_norm_is_nothing_trained() -> None:

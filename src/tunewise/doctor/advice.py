@@ -235,6 +235,23 @@ def overflow_advice() -> Advice:
     )
 
 
+def hidden_nan_advice(divergence: Advice) -> Advice:
+    """A NaN the Trainer's logging filter wrote as 0.0: the divergence causes and fixes, then the two that
+    only a hidden NaN has (half-precision overflow, and the filter that hid it)."""
+    causes, fixes = divergence
+    causes = [
+        *causes,
+        "a half-precision (fp16) overflow in the forward pass: some models (T5, Gemma, ...) overflow in fp16",
+        "Trainer's logging_nan_inf_filter logs a NaN loss as 0.0, which hides when it began",
+    ]
+    fixes = [
+        *fixes,
+        Fix("training.bf16=true", "bf16 has fp32's range, where the hardware supports it"),
+        Fix("training.logging_nan_inf_filter=false", "log a NaN loss as NaN, not as 0.0"),
+    ]
+    return causes, fixes
+
+
 def nothing_trained_advice(lr: float | None) -> Advice:
     """Causes and fixes of a loss of exactly 0.0 with no gradient: no token or no weight is trained."""
     zero_lr = lr is not None and lr <= 0

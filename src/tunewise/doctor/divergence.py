@@ -37,7 +37,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from tunewise.doctor.advice import divergence_advice, overflow_advice
+from tunewise.doctor.advice import divergence_advice, hidden_nan_advice, overflow_advice
 from tunewise.doctor.curve import finite, hides_nan
 from tunewise.doctor.findings import Advice, Finding, fmt_lr, num
 
@@ -138,7 +138,8 @@ class DivergenceRules:
             "nan_hidden_by_logging_filter": hidden,
             "trainable_tokens": tokens,
         }
-        return [Finding(step, "error", "non_finite", title, evidence, *self.advice())]
+        advice = hidden_nan_advice(self.advice()) if hidden else self.advice()
+        return [Finding(step, "error", "non_finite", title, evidence, *advice)]
 
     def on_grad_non_finite(self, step: int, loss: float, grad_norm: float, lr: float | None) -> list[Finding]:
         """A finite loss with a NaN/inf grad norm: an fp16 overflow (warning) while the loss stays calm and it
