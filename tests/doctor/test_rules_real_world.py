@@ -150,6 +150,13 @@ def test_a_run_ending_far_above_where_it_started_is_never_healthy() -> None:
     assert "flat" not in codes(d)
 
 
+def test_a_short_run_ending_far_above_its_start_is_diverged_not_flat() -> None:
+    # 7 logs, 1.2 -> 2.4 without a 3x jump: too short for the degradation test, never "flat".
+    d = diagnose_curve(curve_of([1.2, 1.25, 1.3, 1.6, 1.9, 2.2, 2.4]))
+    assert d.verdict == "diverged" and d.evidence["cause"] == "degradation", d.summary
+    assert "flat" not in codes(d)
+
+
 # ----------------------------------------------------------------------------- (1) loss exactly 0.0
 
 

@@ -193,6 +193,7 @@ THRESHOLDS: dict[str, tuple[str, ...]] = {
         "DEGRADE_POINTS",
         "RISE_RATIO",
         "RISE_OF_DROP",
+        "END_ABOVE",
     ),
     "tunewise.doctor.progress": (
         "NOT_FALLING_AT",

@@ -28,7 +28,9 @@
   - minimum) and by more than DEGRADE_SIGMAS x the point-to-point noise, for DEGRADE_POINTS points in
   a row; over once back under CALM_RATIO x the minimum. loss_rising (warning), at the end of the run:
   the mean of the last tenth of the losses is above RISE_RATIO x the minimum, by more than
-  RISE_OF_DROP of what was learned (and the same noise margin).
+  RISE_OF_DROP of what was learned (and the same noise margin). A run too short for these (under 10
+  points) that ends far above where it started (DEGRADE_RATIO x the start and END_ABOVE above it) is
+  a loss_degradation at its end.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ KNOWS_NOTHING, KNEW_SOMETHING = 1.0, 0.75  # fractions of ln(vocab size)
 ZERO_FROM = 0.01  # a logged loss above this cannot fall to exactly 0.0 at the next log
 GRAD_NAN_POINTS = 3
 DEGRADE_RATIO, DEGRADE_OF_DROP, DEGRADE_SIGMAS, DEGRADE_POINTS = 1.5, 0.5, 3.0, 5
-RISE_RATIO, RISE_OF_DROP = 1.2, 0.25
+RISE_RATIO, RISE_OF_DROP, END_ABOVE = 1.2, 0.25, 0.2
 
 
 class DivergenceRules:
@@ -359,7 +361,7 @@ class DivergenceRules:
             return []
         values = [x for _, x in self.watch.losses]
         if len(values) < 2 * MEDIAN_WINDOW:
-            return []
+            return self._ended_above_start(values)
         low_step, low = self.minimum
         end = statistics.fmean(values[-max(MEDIAN_WINDOW, len(values) // 10) :])
         rise = end - low
@@ -380,6 +382,29 @@ class DivergenceRules:
             "lr": self.watch.peak_lr,
         }
         return [Finding(step, "warning", "loss_rising", title, evidence, *self.advice())]
+
+    def _ended_above_start(self, values: list[float]) -> list[Finding]:
+        """A run too short for the degradation test (under 2 median windows) that ended far above where it
+        started: the median of its last 3 points is DEGRADE_RATIO x the start and END_ABOVE above it."""
+        start = self.start
+        if start is None or len(values) < MEDIAN_WINDOW:
+            return []
+        end = statistics.median(values[-3:])
+        if not (end > DEGRADE_RATIO * start and end > start + END_ABOVE):
+            return []
+        step = self.watch.last_step
+        self.watch.open("loss_degradation", self.watch.losses[0][0])
+        title = f"loss ended at {num(end)} (step {step}), {end / start:.1f}x the {num(start)} it started at"
+        evidence = {
+            "step": step,
+            "start_loss": start,
+            "loss": end,
+            "ratio": end / start,
+            "min_loss": self.minimum[1] if self.minimum else None,
+            "min_step": self.watch.losses[0][0],
+            "lr": self.watch.peak_lr,
+        }
+        return [Finding(step, "error", "loss_degradation", title, evidence, *self.advice())]
 
     def trouble_began(self, step: int) -> int:
         """The step where the climb that ended at `step` (a divergence) began: the first of the losses right
