@@ -16,6 +16,7 @@ from tunewise.training.checkpoints import (
     MANIFEST,
     STAGING,
     CheckpointError,
+    drop_records_after,
     prune,
     resumable,
     room_problem,
@@ -85,6 +86,22 @@ def test_retention_never_deletes_the_best_the_newest_or_foreign_checkpoints(tmp_
     ]
     assert foreign.is_dir() and torn.is_dir()
     assert prune(tmp_path, keep=1, best=tmp_path / "checkpoint-2") == []  # best and newest: both kept
+
+
+def test_resuming_drops_the_log_lines_of_the_steps_that_run_again(tmp_path):
+    lines = [{"type": "train", "step": s, "loss": 1.0} for s in range(1, 6)] + [{"type": "eval", "step": 4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "tra')
+    (tmp_path / "findings.jsonl").write_text(json.dumps({"step": 5, "code": "x"}) + "\n")
+    assert drop_records_after(tmp_path, 4) == 3  # step 5, the cut-off line, the finding at step 5
+    kept = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in kept] == [
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("train", 4),
+        ("eval", 4),
+    ]
+    assert (tmp_path / "findings.jsonl").read_text() == ""
 
 
 def test_room_is_checked_with_the_numbers(tmp_path, monkeypatch):

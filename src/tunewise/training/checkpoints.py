@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from tunewise import rundir
 from tunewise.training.monitor import WatchedTrainer
 
@@ -92,6 +94,36 @@ def resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+def drop_records_after(run_dir: Path, step: int) -> int:
+    """Before resuming at `step`: remove the log lines of the steps after it, which will be run again.
+
+    So metrics.jsonl and findings.jsonl keep exactly one line per step; a line cut off by the kill goes too.
+
+    Returns:
+        The number of lines removed.
+    """
+    removed = 0
+    for name in (rundir.METRICS, rundir.FINDINGS):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, RecursionError):
+                keep = False
+            if keep:
+                kept.append(line)
+            elif line.strip():
+                removed += 1
+        staged = path.with_name(path.name + ".tmp")
+        staged.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(staged, path)
+    return removed
+
+
 def prune(run_dir: Path, keep: int | None, best: str | Path | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `keep`; never the best, the newest, or foreign ones.
 
@@ -142,6 +174,12 @@ def room_problem(run_dir: Path, per_checkpoint: int, kept: int) -> str | None:
     return None
 
 
+def _barrier() -> None:
+    """Wait for every process of a distributed run (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class CrashSafeTrainer(WatchedTrainer):
     """The WatchedTrainer whose checkpoints are staged, fsynced, given a manifest and renamed into place.
 
@@ -164,13 +202,15 @@ class CrashSafeTrainer(WatchedTrainer):
         try:
             if self.args.should_save:  # the main process; in DDP the others add their RNG files
                 shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
-            staging.mkdir(parents=True, exist_ok=True)
+                staging.mkdir(parents=True)
+            _barrier()  # every process writes into the staging directory the main one made
             self._staging_root = staging
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging_root = None
-            if not self.args.should_save:  # another process of a distributed run writes the files
+            _barrier()  # ... and has written there before the main one seals and renames it
+            if not self.args.should_save:
                 return
             self._point_best_at(run_dir, staging / name, step)
             write_manifest(staging / name, step)

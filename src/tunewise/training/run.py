@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
 from tunewise import rundir
 from tunewise.batching import choose_batching, make_collator, record_choice, sampling_strategy
@@ -31,7 +31,7 @@ from tunewise.plan import Prepared, plan_steps, prepare
 from tunewise.report import write_report
 from tunewise.rundir import RunResult
 from tunewise.training.callbacks import DiskGuard, LearningRateReset, PauseAt, StopOnSignal
-from tunewise.training.checkpoints import CrashSafeTrainer, resumable
+from tunewise.training.checkpoints import CrashSafeTrainer, drop_records_after, resumable
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
 from tunewise.training.recovery import divergence_message, recover
@@ -127,6 +127,8 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
         if hooks.on_notice and is_main_process():
             hooks.on_notice(f"resume: {line}")
     checkpoint = str(latest) if latest else None
+    if latest is not None and is_main_process():  # the steps after it run again: one log line each
+        drop_records_after(run_dir, rundir.checkpoint_step(latest))
     if resume and checkpoint is None:
         logger.info("no checkpoint in %s: starting from step 0", run_dir)
     doctor = setup.cfg.doctor
@@ -178,6 +180,7 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     """The model, the WatchedTrainer and its StepMonitor for one attempt."""
     cfg, run_dir, prepared = setup.cfg, setup.run_dir, setup.prepared
     hw, tokenizer, bundle = prepared.hw, prepared.tokenizer, prepared.bundle
+    set_seed(int(cfg.training.get("seed", 42)))  # LoRA's initial weights too: same config, same run
     model = load_model(cfg, hw, tokenizer, prepared.pad_added)
     vocab_size = int(getattr(model.config, "vocab_size", 0) or 0) or None
     if is_main_process() and vocab_size:  # ln(vocab size) is the loss of a model that knows nothing
