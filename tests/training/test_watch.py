@@ -28,6 +28,7 @@ from tunewise import rundir
 from tunewise.data import DataCollator
 from tunewise.doctor.diagnose import diagnose_path
 from tunewise.doctor.findings import read_findings
+from tunewise.report import write_report
 from tunewise.training.watch import WatchError
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "smollm2"
@@ -216,6 +217,8 @@ def test_healthy_sft_run_raises_no_warning(tokenizer, tmp_path):
     assert all(r["trained_tokens"] > 0 and r["tokens"] > r["trained_tokens"] for r in steps), "prompt masked"
     assert [f for f in read_findings(watched.run_dir / rundir.FINDINGS) if f.severity != "info"] == []
     assert diagnose_path(watched.run_dir).verdict == "healthy"
+    html = write_report(watched.run_dir).read_text()  # `tunewise report` reads it as a tunewise run
+    assert "HEALTHY" in html and "learning_rate" in html
     # Every step's loss is the one the Trainer itself logged.
     logged = logged_losses(trainer)
     assert all(math.isclose(r["loss"], logged[r["step"]], rel_tol=1e-4) for r in steps)

@@ -62,16 +62,9 @@ logger = logging.getLogger(__name__)
 
 RUN_SUBDIR = "tunewise"  # the default run directory, inside args.output_dir
 # TrainingArguments fields config.yaml holds even at their defaults (the doctor reads them).
-ALWAYS_RECORDED = (
-    "learning_rate",
-    "max_grad_norm",
-    "warmup_steps",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "lr_scheduler_type",
-    "optim",
+ALWAYS_RECORDED = frozenset(
+    "learning_rate max_grad_norm warmup_steps max_steps num_train_epochs per_device_train_batch_size "
+    "gradient_accumulation_steps lr_scheduler_type optim".split()
 )
 # tunewise's own settings as a Trainer script spells them; training.<field> is TrainingArguments' <field>.
 SCRIPT_NAMES = {
@@ -348,7 +341,9 @@ class TrainerWatch(TrainerCallback):
                     break
                 args, kwargs = (), {**kwargs, "resume_from_checkpoint": str(checkpoint)}
         except BaseException as exc:
-            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            self.status = "stopped" if interrupted else "failed"
+            self.error = "interrupted by the user (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
             self._write_result(started)
             raise
         self._conclude()
@@ -401,9 +396,8 @@ class TrainerWatch(TrainerCallback):
         if self.is_main:
             drop_checkpoints_after(Path(args.output_dir), good)  # never resume from weights that diverged
         _apply(args, fix.change)
-        self.trainer.lr_scheduler = (
-            None  # rebuilt from the changed arguments, then loaded from the checkpoint
-        )
+        # A new scheduler is built from the changed arguments, then loaded from the checkpoint.
+        self.trainer.lr_scheduler = None
         if self._reset is not None:
             self.trainer.remove_callback(self._reset)
         self._reset = LearningRateReset(args.learning_rate)
