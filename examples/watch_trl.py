@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,6 +52,7 @@ def main() -> None:
         logging_steps=5,
         save_strategy="no",
         report_to=[],
+        use_cpu=not torch.cuda.is_available(),  # TRL trains in bf16 by default; on a CPU it must be told
     )
     trainer = SFTTrainer(
         model=model,
