@@ -199,7 +199,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_save_a_checkpoint_stop_cleanly_and_resume_exactly(setup, sig):
     name, record = f"signal-{sig.name}", setup["root"] / f"signal-{sig.name}.jsonl"
     run_dir = setup["root"] / "runs" / name
