@@ -149,6 +149,18 @@ def test_an_object_that_is_not_a_trainer_is_one_clear_error():
     assert issubclass(WatchError, TypeError)
 
 
+def test_import_tunewise_stays_light_and_watch_is_its_public_door():
+    code = "import sys, tunewise; assert not {'torch', 'transformers'} & set(sys.modules); tunewise.watch"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert tunewise.watch is tunewise.training.watch.watch
+
+
 def test_recover_without_checkpoints_is_refused_with_the_fix(tokenizer, tmp_path):
     trainer = sft_trainer(tokenizer, tmp_path, max_steps=2)
     with pytest.raises(ValueError, match="save_strategy='steps'"):
