@@ -403,6 +403,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name for every run")
+    parser.add_argument("--work", type=Path, help="work directory; runs already done there are kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -421,9 +422,13 @@ def main() -> None:
     dtype = torch_dtype(hw.precision)
     peak = peak_flops(hw.device, hw.device_name, dtype, cache_dir() / PEAK_CACHE, remeasure=True)
     os.environ["BENCH_PEAK_FLOPS"] = str(peak)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg)
-    lengths = make_varied_chat(tmp / "varied.jsonl", tokenizer)
+    if not (tmp / "varied_lengths.json").is_file():
+        lengths = make_varied_chat(tmp / "varied.jsonl", tokenizer)
+        (tmp / "varied_lengths.json").write_text(json.dumps(lengths))
+    lengths = json.loads((tmp / "varied_lengths.json").read_text())
     files = {"bundled": str(bundled_data_dir() / "train.jsonl"), "varied": str(tmp / "varied.jsonl")}
     results: dict[str, dict[str, dict]] = {}
     started = time.time()
@@ -442,18 +447,14 @@ def main() -> None:
                 "result": str(tmp / f"{dataset}-{run}.json"),
             }
             t = time.time()
-            env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(spec)],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
             result_file = Path(spec["result"])
-            if result_file.is_file():
-                results[dataset][run] = json.loads(result_file.read_text())
-            else:
-                results[dataset][run] = {"status": "failed", "error": proc.stderr[-2000:]}
+            if not result_file.is_file():  # a run already in the work directory is not run again
+                env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+                child_run = [sys.executable, __file__, "--child", json.dumps(spec)]
+                proc = subprocess.run(child_run, env=env, capture_output=True, text=True)
+                if not result_file.is_file():
+                    result_file.write_text(json.dumps({"status": "failed", "error": proc.stderr[-2000:]}))
+            results[dataset][run] = json.loads(result_file.read_text())
             r = results[dataset][run]
             print(
                 f"{dataset:8s} {run:18s} {r.get('status')} {time.time() - t:6.1f}s "
