@@ -130,17 +130,18 @@ def _read_dir(path: Path) -> Curve:
 def _point(record: dict[str, Any], where: str, train: bool) -> TrainPoint | EvalPoint:
     """A train or eval point from one log record; DoctorError when its `step` is missing."""
     step = record.get("step")
-    if isinstance(step, bool) or not isinstance(step, int | float):
+    if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):
         raise DoctorError(f'{where}: entry has no numeric `step`; expected e.g. {{"step": 10, "loss": 2.3}}')
     if train:
         tokens = record.get("trained_tokens", record.get("trainable_tokens"))
+        tokens = tokens if isinstance(tokens, int | float) and math.isfinite(tokens) else None
         return TrainPoint(
             int(step),
             to_float(record["loss"]),
             to_float(record.get("grad_norm")),
             to_float(record.get("learning_rate")),
             to_float(record.get("epoch")),
-            int(tokens) if isinstance(tokens, int | float) else None,
+            None if tokens is None else int(tokens),
         )
     skip = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
     metrics = {
@@ -178,16 +179,28 @@ def _curve(points: list[TrainPoint | EvalPoint], source: Path, **extra: Any) -> 
 
 
 def _read_metrics_jsonl(path: Path) -> Curve:
-    points = []
-    for lineno, record in rundir.read_jsonl(path, strict=True):
-        kind = record.get("type") or ("eval" if "eval_loss" in record else "train")
-        if (kind == "train" and "loss" in record) or kind == "eval":
-            points.append(_point(record, f"{path}:{lineno}", train=kind == "train"))
+    points, lineno = [], 0
+    try:
+        for lineno, record in rundir.read_jsonl(path, strict=True):
+            kind = record.get("type") or ("eval" if "eval_loss" in record else "train")
+            if (kind == "train" and "loss" in record) or kind == "eval":
+                points.append(_point(record, f"{path}:{lineno}", train=kind == "train"))
+    except (ValueError, RecursionError) as exc:  # a line nested too deep, or a 5000-digit number
+        raise DoctorError(
+            f"{path}: the first line after line {lineno} cannot be read as JSON ({type(exc).__name__}); "
+            "expected one JSON object per line"
+        ) from None
     return _curve(points, path)
 
 
 def _read_llamafactory(path: Path) -> Curve:
-    records, total = tool_logs.llamafactory_records(path)
+    try:
+        records, total = tool_logs.llamafactory_records(path)
+    except (ValueError, RecursionError) as exc:  # a line nested too deep, or a 5000-digit number
+        raise DoctorError(
+            f"{path}: a line cannot be read as JSON ({type(exc).__name__}); expected LLaMA-Factory's "
+            "trainer_log.jsonl, one JSON object per line"
+        ) from None
     points = [_point(record, where, train="loss" in record) for where, record in records]
     return _curve(points, path, total_steps=total)
 
@@ -198,6 +211,11 @@ def _read_trainer_state(path: Path) -> Curve:
     except json.JSONDecodeError as exc:
         raise DoctorError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "expected a Hugging Face trainer_state.json"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # nested too deep, or a 5000-digit number
+        raise DoctorError(
+            f"{path}: cannot be read as JSON ({type(exc).__name__}: {str(exc)[:80]}); "
             "expected a Hugging Face trainer_state.json"
         ) from None
     history = state.get("log_history") if isinstance(state, dict) else None
@@ -215,7 +233,7 @@ def _read_trainer_state(path: Path) -> Curve:
     return _curve(
         points,
         path,
-        best_model_checkpoint=state.get("best_model_checkpoint"),
+        best_model_checkpoint=best if isinstance(best := state.get("best_model_checkpoint"), str) else None,
         total_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
     )
 
@@ -244,17 +262,23 @@ def read_context(run_dir: Path) -> dict[str, Any]:
     """Facts for ranking causes and judging the loss: a tunewise run's config.yaml, plan.json and
     result.json, else LLaMA-Factory's or Axolotl's records, and the model's vocab_size."""
     config_path = run_dir / rundir.CONFIG
-    text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else ""
     try:
         config = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
         raise DoctorError(f"{where}: not valid YAML; expected the run's resolved config") from None
-    training = config.get("training") or {}
-    context: dict[str, Any] = {"method": (config.get("model") or {}).get("method")}
+    except (ValueError, RecursionError) as exc:  # nested too deep, or a 5000-digit number
+        raise DoctorError(
+            f"{config_path}: cannot be read ({type(exc).__name__}); expected the run's resolved config"
+        ) from None
+    config = config if isinstance(config, dict) else {}
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    context: dict[str, Any] = {"method": model["method"] if isinstance(model.get("method"), str) else None}
     for key in ("learning_rate", "max_grad_norm", "warmup_steps", "max_steps"):
-        if to_float(training.get(key)) is not None:
+        if finite(to_float(training.get(key))):
             context[key] = to_float(training[key])
     if 0 < context.get("warmup_steps", 0) < 1:
         del context["warmup_steps"]  # a fraction of all steps (transformers 5); plan.json has the count
@@ -263,14 +287,16 @@ def read_context(run_dir: Path) -> dict[str, Any]:
     if context.get("max_steps", 0) > 0:
         context["total_steps"] = int(context["max_steps"])
     plan = rundir.read_json_object(run_dir / rundir.PLAN)
+    steps = plan.get("steps") if isinstance(plan.get("steps"), dict) else {}
     resolved = {
         "warmup_steps": plan.get("warmup_steps"),
-        **{k: (plan.get("steps") or {}).get(k) for k in ("total_steps", "steps_per_epoch")},
+        **{k: steps.get(k) for k in ("total_steps", "steps_per_epoch")},
     }
     context.update({k: v for k, v in resolved.items() if isinstance(v, int)})
     if isinstance(plan.get("vocab_size"), int):
         context["vocab_size"] = plan["vocab_size"]
-    context["status"] = rundir.read_json_object(run_dir / rundir.RESULT).get("status")
+    status = rundir.read_json_object(run_dir / rundir.RESULT).get("status")
+    context["status"] = status if isinstance(status, str) else None
     # Other tools' records fill in what tunewise's own files did not say.
     for key, value in tool_logs.tool_context(run_dir).items():
         if context.get(key) is None:

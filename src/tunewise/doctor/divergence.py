@@ -253,8 +253,8 @@ class DivergenceRules:
             title = f"loss exploded at step {began}: {why}"
         elif against == "start":
             title = (
-                f"loss exploded at step {began}: {num(loss)}, {loss / start:.0f}x the {num(start)} it "
-                "started at"
+                f"loss exploded at step {began}: {num(loss)}, "
+                f"{f'{loss / start:.0f}x' if start else 'far above'} the {num(start)} it started at"
             )
         else:
             title = (
