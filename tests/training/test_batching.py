@@ -230,3 +230,25 @@ def test_peak_flops_is_measured_once_per_device(tmp_path, monkeypatch):
     assert len(calls) == 1
     peak_flops("cpu", "Test CPU", torch.float32, cache)
     assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2
+
+
+def test_run_numbers_leave_out_the_first_step_and_warn_on_a_wrong_memory_estimate():
+    from types import SimpleNamespace
+
+    from tunewise.training.monitor import StepMonitor, StepRecord, peak_memory_bytes
+
+    notes: list[str] = []
+    cost = step_cost(total_params=1000, trainable_params=10, layers=2, hidden=8, peak=1e6)
+    trainer = SimpleNamespace(step_record=StepRecord())
+    monitor = StepMonitor(trainer, None, None, cost=cost, memory_estimate=1, on_notice=notes.append)
+    for step_time in (9.0, 2.0, 2.0):  # the first step is warm-up and is left out
+        record = {"step_time": step_time, "tokens": 100, "positions": 125, "trained_tokens": 40}
+        monitor._add_to_totals(record | {"attention_pairs": 50})
+    numbers = monitor.run_numbers()
+    assert numbers["speed"]["steps_timed"] == 2
+    assert numbers["speed"]["trained_tokens_per_s"] == 80 / 4.0
+    assert numbers["speed"]["tokens_per_s"] == 200 / 4.0 and numbers["speed"]["padding_fraction"] == 0.2
+    assert numbers["speed"]["mfu"] == pytest.approx(2 * cost.step_flops(100, 50) / 4.0 / 1e6)
+    assert numbers["memory"]["estimated_peak"] == 1 and numbers["memory"]["warning"] == notes[0]
+    exact = StepMonitor(trainer, None, None, memory_estimate=peak_memory_bytes(), on_notice=notes.append)
+    assert "warning" not in exact.run_numbers()["memory"] and len(notes) == 1

@@ -28,12 +28,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunewise import rundir
+from tunewise.batching import StepCost, batch_counts
 from tunewise.doctor.codes import DIVERGED_CODES
 from tunewise.doctor.findings import Finding, append_findings
 from tunewise.doctor.memory import check_memory
 from tunewise.doctor.watcher import CurveWatcher
 
 logger = logging.getLogger(__name__)
+MEMORY_ESTIMATE_TOLERANCE = 0.25  # plan's estimate vs the measured peak: a larger error is reported as a bug
 
 
 class StepRecord:
@@ -51,17 +53,15 @@ class StepRecord:
         self._settled = False
         self.micro = 0
         self.loss = 0.0
-        self.tokens = 0
+        self.tokens = 0  # real tokens, padding not counted
+        self.positions = 0  # positions computed, padding included
+        self.attention_pairs = 0  # causal attention pairs, for the attention FLOPs
         self.trained_tokens: int | None = None  # None when the batches carry no labels
         self.grad_norm: float | None = None
         self.learning_rate: float | None = None
 
     def add(self, loss: torch.Tensor, inputs: dict[str, Any]) -> None:
-        parts = {"loss": loss.detach().float()}
-        if "attention_mask" in inputs:
-            parts["tokens"] = inputs["attention_mask"].sum()
-        if "labels" in inputs:
-            parts["trained_tokens"] = (inputs["labels"][..., 1:] != -100).sum()
+        parts = {"loss": loss.detach().float(), **batch_counts(inputs)}  # padded or packed rows alike
         for key, value in parts.items():
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self.micro += 1
@@ -76,7 +76,8 @@ class StepRecord:
         **kwargs: Any,
     ) -> torch.Tensor:
         """Run a micro-batch's `training_step` (the Trainer's or an override); record loss and tokens."""
-        kept = {k: inputs[k] for k in ("attention_mask", "labels") if k in inputs}  # before any pop
+        counted = ("input_ids", "attention_mask", "position_ids", "labels")
+        kept = {k: inputs[k] for k in counted if k in inputs}  # before any pop
         loss = training_step(model, inputs, *args, **kwargs)
         self.add(loss, kept)
         return loss
@@ -96,6 +97,8 @@ class StepRecord:
         if "loss" in self._sums:
             self.loss = float(self._sums["loss"])
         self.tokens = int(self._sums["tokens"]) if "tokens" in self._sums else 0
+        self.positions = int(self._sums["positions"]) if "positions" in self._sums else 0
+        self.attention_pairs = int(self._sums["attention_pairs"]) if "attention_pairs" in self._sums else 0
         self.trained_tokens = int(self._sums["trained_tokens"]) if "trained_tokens" in self._sums else None
         self._settled = True
 
@@ -125,6 +128,14 @@ def _divergences(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == "error" and f.code in DIVERGED_CODES]
 
 
+def _padding(tokens: float, positions: float) -> float | None:
+    return round(1 - tokens / positions, 4) if positions else None
+
+
+def _rate(count: float | None, seconds: float) -> float | None:
+    return count / seconds if count is not None and seconds > 0 else None
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this process: GPU memory allocated on CUDA, resident set size on the CPU."""
     if torch.cuda.is_available():
@@ -145,6 +156,9 @@ class StepMonitor(TrainerCallback):
         memory_limit: int = 0,
         is_main: bool = True,
         rewrite: Callable[[Finding], Finding] | None = None,  # e.g. tunewise.watch: fixes in a script's words
+        cost: StepCost | None = None,  # FLOPs per token and the device's peak, for the MFU
+        memory_estimate: int | None = None,  # the plan's peak, compared with the measured one
+        on_notice: Callable[[str], None] | None = None,
     ):
         self.trainer, self.run_dir, self.watcher = trainer, run_dir, watcher
         self.on_finding, self.on_step, self.memory_limit, self.is_main = (
@@ -161,6 +175,9 @@ class StepMonitor(TrainerCallback):
         self.skipped_steps: list[int] = []
         self.last_step_time = self.start = time.time()
         self.tokens_total = 0
+        self.cost, self.memory_estimate, self.on_notice = cost, memory_estimate, on_notice
+        self.totals: dict[str, float] = {}  # over the steps after the first (warm-up), for result.json
+        self.memory_step_1: int | None = None
 
     @property
     def trouble_began(self) -> int | None:
@@ -180,6 +197,44 @@ class StepMonitor(TrainerCallback):
                 append_findings(self.run_dir / rundir.FINDINGS, [finding])
             if self.on_finding is not None and self.is_main:
                 self.on_finding(finding)
+
+    # -- what the run's steps cost
+    def _add_to_totals(self, record: dict) -> None:
+        """Add a step to the run's totals; the first step of an attempt (allocation, warm-up) is left out."""
+        self.totals["seen"] = self.totals.get("seen", 0) + 1
+        if self.totals["seen"] == 1:
+            return
+        flops = self.cost.step_flops(record["tokens"], record["attention_pairs"]) if self.cost else 0.0
+        parts = {"steps": 1, "seconds": record["step_time"], "tokens": record["tokens"], "flops": flops}
+        parts |= {"positions": record["positions"], "trained_tokens": record["trained_tokens"] or 0}
+        for key, value in parts.items():
+            self.totals[key] = self.totals.get(key, 0) + value
+
+    def run_numbers(self) -> dict[str, Any]:
+        """Speed and memory of the run for result.json; a memory estimate off by > 25% is also a notice."""
+        t, seconds = self.totals, self.totals.get("seconds", 0.0)
+        peak = self.cost.peak_flops if self.cost else None
+        speed = {
+            "steps_timed": int(t.get("steps", 0)),
+            "trained_tokens_per_s": _rate(t.get("trained_tokens"), seconds),
+            "tokens_per_s": _rate(t.get("tokens"), seconds),
+            "padding_fraction": _padding(t.get("tokens", 0), t.get("positions", 0)),
+            "mfu": t["flops"] / seconds / peak if peak and seconds else None,
+            "peak_flops": peak,
+        }
+        measured = peak_memory_bytes()
+        estimate = self.memory_estimate
+        error = round((measured - estimate) / estimate, 4) if estimate else None
+        memory = {"estimated_peak": estimate, "measured_peak": measured, "error": error}
+        memory["measured_step_1"] = self.memory_step_1
+        if error is not None and abs(error) > MEMORY_ESTIMATE_TOLERANCE:
+            memory["warning"] = (
+                f"memory: the plan estimated {estimate / 2**30:.2f} GiB, the run peaked at "
+                f"{measured / 2**30:.2f} GiB ({error:+.0%}); the estimate is wrong: please report it as a bug"
+            )
+            if self.on_notice is not None and self.is_main:
+                self.on_notice(memory["warning"])
+        return {"speed": speed, "memory": memory}
 
     # -- Trainer events
     def on_train_begin(
@@ -221,15 +276,21 @@ class StepMonitor(TrainerCallback):
             "grad_norm": rec.grad_norm,
             "learning_rate": lr,
             "tokens": rec.tokens,
+            "positions": rec.positions,
+            "padding_fraction": _padding(rec.tokens, rec.positions),
             "trained_tokens": rec.trained_tokens,
+            "attention_pairs": rec.attention_pairs,
             "tokens_total": self.tokens_total,
             "tokens_per_s": rec.tokens / step_time if step_time > 0 else None,
+            "trained_tokens_per_s": _rate(rec.trained_tokens, step_time),
+            "mfu": self.cost.mfu(rec.tokens, rec.attention_pairs, step_time) if self.cost else None,
             "step_time": round(step_time, 4),
             "time": round(now - self.start, 3),
         }
         if state.global_step == 1:
-            record["memory_bytes"] = peak_memory_bytes()
+            record["memory_bytes"] = self.memory_step_1 = peak_memory_bytes()
         self._write(record)
+        self._add_to_totals(record)
         new = self.watcher.observe_train(
             state.global_step, loss, rec.grad_norm, lr, state.epoch, trainable_tokens=rec.trained_tokens
         )

@@ -22,7 +22,13 @@ from typing import Any
 from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
 from tunewise import rundir
-from tunewise.batching import choose_batching, make_collator, record_choice, sampling_strategy
+from tunewise.batching import (
+    choose_batching,
+    make_collator,
+    model_step_cost,
+    record_choice,
+    sampling_strategy,
+)
 from tunewise.config import Config
 from tunewise.doctor.findings import Finding
 from tunewise.doctor.watcher import CurveWatcher
@@ -144,6 +150,7 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
         trainer.train(resume_from_checkpoint=checkpoint)
         findings += monitor.findings
         summary = {"findings": [_headline(f) for f in findings if f.severity != "info"]}
+        summary |= monitor.run_numbers()  # speed, and the memory estimate against the measured peak
         if stopper.received is not None:  # SIGINT/SIGTERM: the step finished and was checkpointed
             result = _finish(trainer, setup, "stopped", summary)
             result.error = (
@@ -219,6 +226,9 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
         on_step=setup.hooks.on_step,
         memory_limit=hw.memory_bytes,
         is_main=is_main_process(),
+        cost=model_step_cost(model, hw.device, hw.device_name, hw.precision),
+        memory_estimate=(prepared.plan.get("memory") or {}).get("peak"),
+        on_notice=setup.hooks.on_notice,
     )
     monitor.total_steps = plan.total_steps
     trainer.add_callback(monitor)
