@@ -420,10 +420,13 @@ def main() -> None:
     cfg = load_config(None, [f"model.name={args.model}", "model.method=lora"])
     hw = resolve_hardware(cfg)
     dtype = torch_dtype(hw.precision)
-    peak = peak_flops(hw.device, hw.device_name, dtype, cache_dir() / PEAK_CACHE, remeasure=True)
-    os.environ["BENCH_PEAK_FLOPS"] = str(peak)
     tmp = args.work or Path(tempfile.mkdtemp(prefix="bench-speed-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    if not (tmp / "peak.json").is_file():  # one peak for every run of the work directory, resumed or not
+        peak = peak_flops(hw.device, hw.device_name, dtype, cache_dir() / PEAK_CACHE, remeasure=True)
+        (tmp / "peak.json").write_text(json.dumps(peak))
+    peak = json.loads((tmp / "peak.json").read_text())
+    os.environ["BENCH_PEAK_FLOPS"] = str(peak)
     tokenizer = load_tokenizer(cfg)
     if not (tmp / "varied_lengths.json").is_file():
         lengths = make_varied_chat(tmp / "varied.jsonl", tokenizer)
