@@ -77,11 +77,6 @@ def test_torch_load_is_only_called_with_weights_only_true():
     assert not unsafe, unsafe
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tests/training/test_watch.py:143-144 load optimizer.pt with "
-    "weights_only=False (not this engineer's file; reported to the coordinator)",
-)
 def test_tests_too_call_torch_load_only_with_weights_only_true():
     unsafe = [
         f"{p.relative_to(REPO)}: {line.strip()}"
@@ -138,3 +133,24 @@ def test_no_secret_from_the_environment_reaches_the_run_directory(
         if value.encode() in p.read_bytes()
     ]
     assert not leaks, leaks
+
+
+def test_weights_load_only_from_safetensors_unless_allowed(tmp_path):
+    """A model saved as a pickle (pytorch_model.bin) is refused with the fix; allow_pickle loads it."""
+    import torch
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from tunewise.config import load_config
+    from tunewise.errors import ModelError
+    from tunewise.model import load_base_model, resolve_hardware
+
+    directory = make_tiny_model(tmp_path / "pickled")
+    torch.save(AutoModelForCausalLM.from_pretrained(directory).state_dict(), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    assert (directory / "pytorch_model.bin").is_file()
+    cfg = load_config(None, [f"model.name={directory}", "model.method=lora", f"output_dir={tmp_path}"])
+    with pytest.raises(ModelError, match="model.allow_pickle: true"):
+        load_base_model(cfg, resolve_hardware(cfg))
+    cfg = load_config(None, [f"model.name={directory}", "model.method=lora", "model.allow_pickle=true"])
+    assert load_base_model(cfg, resolve_hardware(cfg)) is not None

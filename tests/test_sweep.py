@@ -124,7 +124,7 @@ def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, tmp_pat
         "sweep",
         *base,
         "--grid",
-        "training.learning_rate=1e-3,2e-2,0.5",
+        "training.learning_rate=1e-3,2e-2,5",
         "--max-steps",
         "6",
         "--name",
@@ -137,7 +137,7 @@ def test_grid_sweep_ranks_records_divergence_and_resumes(tiny_model_dir, tmp_pat
     trials = data["trials"]
     by_lr = {t["params"]["training.learning_rate"]: t for t in trials}
     assert by_lr["1e-3"]["status"] == by_lr["2e-2"]["status"] == "completed"
-    diverged = by_lr["0.5"]
+    diverged = by_lr["5"]
     assert diverged["status"] == "diverged" and diverged["verdict"] == "diverged"
     assert diverged["finding"] and diverged["val_loss"] is None
     assert trials[-1]["name"] == diverged["name"]

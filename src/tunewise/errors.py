@@ -28,3 +28,7 @@ class DoctorError(Exception):
 
 class ModelError(Exception):
     """The model cannot be found or loaded; the message says why and what to do."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written; the message names it, the cause, the last good one and the fix."""

@@ -329,7 +329,11 @@ def _quantization_config(cfg: Config, hw: Hardware) -> BitsAndBytesConfig:
 def load_base_model(cfg: Config, hw: Hardware) -> PreTrainedModel:
     """The base model at the method's precision: 4-bit NF4 for qlora, the compute dtype otherwise."""
     path = resolve_model_path(cfg.model.name)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": cfg.model.trust_remote_code,
+        # a pickle can run code: weights load only from safetensors unless the user opts in
+        "use_safetensors": None if cfg.model.allow_pickle else True,
+    }
     if cfg.model.method == "qlora":
         layers = quantized_layers(cfg, hw.device)
         if layers is not None and layers.unsupported:
@@ -346,7 +350,9 @@ def load_base_model(cfg: Config, hw: Hardware) -> PreTrainedModel:
     except OSError as exc:
         raise ModelError(
             f"model.name `{cfg.model.name}`: cannot load it ({exc}). Fix: use a local directory, "
-            f"a .gguf file, or the embedded default `{EMBEDDED_MODEL}`"
+            f"a .gguf file, or the embedded default `{EMBEDDED_MODEL}`; tunewise loads weights only from "
+            "safetensors (a pickle can run code): convert them, or set `model.allow_pickle: true` if you "
+            "trust the files"
         ) from None
 
 

@@ -21,11 +21,11 @@ from typing import Any
 import yaml
 
 from tunewise import charts, rundir
-from tunewise.config import load_config
+from tunewise.config import DEFAULT_LR, TRAINING_DEFAULTS, Config
 from tunewise.doctor.curve import Curve, load_curve
 from tunewise.doctor.diagnose import Diagnosis, diagnose_path
 from tunewise.doctor.findings import Finding
-from tunewise.errors import ConfigError, DoctorError
+from tunewise.errors import DoctorError
 from tunewise.metrics import METRICS, rank_changes
 
 logger = logging.getLogger(__name__)
@@ -509,14 +509,14 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _default_config(method: Any) -> dict[str, Any]:
-    """Every default, with the method's own default learning rate; {} if the defaults cannot load."""
-    try:
-        defaults = load_config(None).to_dict()
-        if method:
-            by_method = load_config(None, [f"model.method={method}"]).to_dict()
-            defaults["training"]["learning_rate"] = by_method["training"]["learning_rate"]
-    except ConfigError:
-        return {}
+    """Every default, with the method's own default learning rate (from the config's own tables).
+
+    Read from the tables rather than through `load_config`, whose validation builds TrainingArguments:
+    the report never imports transformers or torch.
+    """
+    defaults = Config().to_dict()
+    defaults["training"] = dict(TRAINING_DEFAULTS)
+    defaults["training"]["learning_rate"] = DEFAULT_LR.get(method or defaults["model"]["method"])
     return defaults
 
 

@@ -111,6 +111,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- JSONL logs
 
 
+def _json_problem(exc: Exception) -> str:
+    """What is wrong with a JSON line, in words."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+
+
 def read_jsonl(path: Path, strict: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each JSON object line of a JSONL log; a missing file has none.
 
@@ -127,13 +134,13 @@ def read_jsonl(path: Path, strict: bool = False) -> Iterator[tuple[int, dict[str
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # also a line nested too deep or a 5000-digit number
             if lineno == len(lines) and not text.endswith("\n"):  # a writer stopped mid-line
                 logger.warning("%s:%d: ignoring the cut-off last line", path, lineno)
                 return
             if strict:
                 raise DoctorError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    f"{path}:{lineno}: not valid JSON ({_json_problem(exc)}); "
                     "expected one JSON object per line"
                 ) from None
             continue

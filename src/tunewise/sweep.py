@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunewise import charts, rundir
-from tunewise.config import Config, load_config
+from tunewise.config import Config, load_config, run_name_problem
 from tunewise.doctor.diagnose import diagnose_path
 from tunewise.errors import ConfigError, DoctorError
 from tunewise.plan import warmup_steps
@@ -213,6 +213,8 @@ def plan_trials(spec: SweepSpec, sweep_dir: Path) -> list[Trial]:
 def sweep_name(spec: SweepSpec) -> str:
     """The sweep's name: given, or the config's stem plus a hash of the spec (same sweep, same name)."""
     if spec.name:
+        if problem := run_name_problem(spec.name):
+            raise ConfigError([f"--name {spec.name!r}: {problem}"])
         return spec.name
     stem = Path(spec.config).stem if spec.config else "defaults"
     key = json.dumps([spec.config, spec.overrides, spec.grid, spec.max_steps, spec.strategy, spec.eta])

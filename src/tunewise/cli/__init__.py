@@ -16,9 +16,15 @@ import warnings
 
 from tunewise.cli.printers import err_console
 from tunewise.cli.table import parse_args
-from tunewise.errors import ConfigError, DataError, DoctorError, ModelError
+from tunewise.errors import CheckpointError, ConfigError, DataError, DoctorError, ModelError
 
-USER_ERRORS = (ConfigError, DataError, DoctorError, ModelError)  # the user's to fix: one line, exit 2
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    DoctorError,
+    ModelError,
+    CheckpointError,
+)  # the user's to fix: one line, exit 2
 NOISY_LOGGERS = ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "datasets")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from tunewise import rundir
+from tunewise.errors import CheckpointError
 from tunewise.training.monitor import WatchedTrainer
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ MANIFEST = "tunewise-checkpoint.json"  # written last: its presence and sizes ma
 STAGING = ".saving"  # where a checkpoint is written before it is renamed into place
 ADAM_STATES = 2  # exp_avg and exp_avg_sq: fp32 copies of every trainable parameter
 SMALL_FILES = 32 * 2**20  # tokenizer, scheduler, RNG, trainer state, config: a generous allowance
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written; the message names it, the cause, the last good one and the fix."""
 
 
 def _fsync(path: Path) -> None:
