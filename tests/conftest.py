@@ -23,7 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TUNEWISE_CACHE", str(Path(__file__).parent.parent / ".cache" / "tunewise"))
 
 
-def make_tiny_model(directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2", seed: int = 0) -> Path:
+def make_tiny_model(
+    directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2", seed: int = 0, hidden: int = 64
+) -> Path:
     """Save a 2-layer Llama (hidden 64) with the given tokenizer so `model.name=<directory>` loads it.
 
     Every linear layer is a multiple of 64 wide and 32 tall: the shapes every bitsandbytes 4-bit
@@ -35,8 +37,8 @@ def make_tiny_model(directory: Path, tokenizer_dir: Path = TOKENIZERS / "smollm2
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -58,6 +60,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tiny_model_dir" in getattr(item, "fixturenames", ()) or training in Path(item.path).parents:
             item.add_marker(pytest.mark.model)
+
+
+@pytest.fixture(scope="session")
+def narrow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama at hidden 32 (LoRA/full only: too narrow for the AVX512-BF16 4-bit layout).
+
+    The sweep tests need a trial that reliably diverges at a rate validation accepts (< 1); the
+    narrower model does at 0.5, the hidden-64 one does not.
+    """
+    return make_tiny_model(tmp_path_factory.mktemp("narrow-model"), hidden=32)
 
 
 @pytest.fixture(scope="session")
