@@ -58,6 +58,17 @@ class Hardware:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The TrainingArguments these choices set (the run's, and the check's before weights load)."""
+        args: dict[str, Any] = {
+            "optim": self.optim,
+            "bf16": self.precision == "bf16",
+            "fp16": self.precision == "fp16",
+        }
+        if self.device == "cpu":
+            args["use_cpu"] = True
+        return args
+
 
 def cache_dir() -> Path:
     """Where converted models live: $TUNEWISE_CACHE or ~/.cache/tunewise."""

@@ -18,7 +18,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from tunewise.config import Config
+from tunewise.config import Config, validate_training_arguments
 from tunewise.data import DataBundle, build_datasets, ensure_pad_token
 from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware, resolve_model_path
 
@@ -238,12 +238,14 @@ def prepare(cfg: Config, processes: int = 1, keep_untrained: bool = False) -> Pr
 
     Raises:
         DataError: the data cannot be loaded or encoded.
+        ConfigError: transformers refuses the TrainingArguments the run would build on this hardware.
     """
     tokenizer = load_tokenizer(cfg)
     pad_before = tokenizer.pad_token_id
     pad_added = ensure_pad_token(tokenizer)
     bundle = build_datasets(cfg.data, tokenizer, keep_untrained=keep_untrained)
     hw = resolve_hardware(cfg)
+    validate_training_arguments(cfg, hw.trainer_arguments())  # what the run will build, before weights
     longest = max((len(e.input_ids) for e in bundle.train), default=0)
     plan = plan_run(cfg, len(bundle.train), len(bundle.validation or []), processes, hw=hw, longest=longest)
     plan["data"] = bundle.stats.to_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ REPORT = "report.html"
 TENSORBOARD = "tensorboard"  # event files
 ADAPTER, FULL_MODEL = "adapter", "model"  # the final adapter, or the model of a full fine-tune
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer checkpoints: checkpoint-<step>/
+MANIFEST = "tunewise-checkpoint.json"  # written last: its presence and sizes make a checkpoint complete
+STAGING = ".saving"  # where a checkpoint is written before it is renamed into place
 
 
 @dataclass
@@ -191,11 +194,78 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
     return found
 
 
-def latest_checkpoint(run_dir: Path, before: int | None = None) -> Path | None:
-    """The checkpoint-N with the highest N (below `before` when given) that has a trainer_state.json."""
-    found = [
-        (step, path)
-        for step, path in checkpoints(run_dir).items()
-        if (path / "trainer_state.json").is_file() and (before is None or step < before)
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint directory does not count (in words), or None when it is complete.
+
+    Complete means tunewise's manifest (written last, see tunewise/training/checkpoints.py) is there,
+    is for this step, and every file it lists has the size it was saved with.
+    """
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return "it has no manifest (its save never finished, or tunewise did not write it)"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        step, files = int(data["step"]), dict(data["files"])
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
+        return f"its {MANIFEST} is unreadable"
+    if step != checkpoint_step(folder):
+        return f"its manifest is for step {step}"
+    for name, size in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with (truncated)"
+    return None
+
+
+def resumable(run_dir: Path, before: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint (of a step below `before`, when given), and why newer ones were not.
+
+    The one place that chooses a checkpoint to restart from: `--resume`, a recovery, a sweep's rerun.
+
+    Returns:
+        (checkpoint or None, skipped lines like "checkpoint-12 skipped: optimizer.pt is missing").
+    """
+    skipped = [
+        f"{STAGING}/{p.name} ignored: a save that was interrupted"
+        for p in sorted((Path(run_dir) / STAGING).glob(f"{CHECKPOINT_PREFIX}*"))
     ]
-    return max(found)[1] if found else None
+    for step, path in sorted(checkpoints(run_dir).items(), reverse=True):
+        if before is not None and step >= before:
+            continue
+        reason = checkpoint_problem(path)
+        if reason is None:
+            return path, skipped
+        skipped.append(f"{path.name} skipped: {reason}")
+    return None, skipped
+
+
+def drop_records_after(run_dir: Path, step: int) -> int:
+    """Before resuming at `step`: remove the log lines of the steps after it, which will be run again.
+
+    So metrics.jsonl and findings.jsonl keep exactly one line per step; a line cut off by the kill goes too.
+
+    Returns:
+        The number of lines removed.
+    """
+    removed = 0
+    for name in (METRICS, FINDINGS):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, RecursionError):
+                keep = False
+            if keep:
+                kept.append(line)
+            elif line.strip():
+                removed += 1
+        staged = path.with_name(path.name + ".tmp")
+        staged.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(staged, path)
+    return removed

@@ -412,12 +412,8 @@ def _record_invocation(trial: Trial, outcome: dict[str, Any]) -> None:
 
 def _prepare_rerun(trial: Trial) -> bool:
     """Before running a trial again: resume from its checkpoint (True), or start clean (False)."""
-    checkpoint = rundir.latest_checkpoint(trial.run_dir)
-    step = rundir.checkpoint_step(checkpoint) if checkpoint else 0
-    path = trial.run_dir / rundir.METRICS
-    if path.is_file():  # drop records past the checkpoint: those steps run again
-        kept = [r for r in rundir.read_metrics(trial.run_dir) if r.get("step", 0) <= step]
-        rundir.write_jsonl(path, kept)
+    checkpoint, _skipped = rundir.resumable(trial.run_dir)  # the one `train --resume` will take
+    rundir.drop_records_after(trial.run_dir, rundir.checkpoint_step(checkpoint) if checkpoint else 0)
     if not checkpoint:
         (trial.run_dir / rundir.FINDINGS).unlink(missing_ok=True)
     return checkpoint is not None

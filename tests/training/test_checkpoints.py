@@ -12,22 +12,10 @@ import pytest
 from conftest import read_jsonl, tiny_overrides
 
 from tunewise.config import load_config
-from tunewise.training.checkpoints import (
-    MANIFEST,
-    STAGING,
-    CheckpointError,
-    drop_records_after,
-    prune,
-    resumable,
-    room_problem,
-    validate,
-    write_manifest,
-)
-
-try:  # the architect moves ConfigError into errors.py; both homes are the same class
-    from tunewise.errors import ConfigError
-except ImportError:
-    from tunewise.config import ConfigError
+from tunewise.errors import CheckpointError, ConfigError
+from tunewise.rundir import MANIFEST, STAGING, checkpoint_problem, drop_records_after, resumable
+from tunewise.training.checkpoints import prune, room_problem, write_manifest
+from tunewise.training.recovery import restart_checkpoint
 
 
 def _checkpoint(run_dir: Path, step: int, manifest: bool = True) -> Path:
@@ -52,7 +40,7 @@ def test_the_manifest_lists_every_file_with_its_size_and_step(tmp_path):
             "trainer_state.json": (folder / "trainer_state.json").stat().st_size,
         },
     }
-    assert validate(folder) is None
+    assert checkpoint_problem(folder) is None
 
 
 def test_resume_takes_the_newest_complete_checkpoint_and_names_each_torn_one(tmp_path):
@@ -69,6 +57,20 @@ def test_resume_takes_the_newest_complete_checkpoint_and_names_each_torn_one(tmp
     assert skipped[2].startswith("checkpoint-8 skipped: trainer_state.json is 5 bytes, not the")
     assert skipped[3] == "checkpoint-6 skipped: optimizer.pt is missing"
     assert len(skipped) == 4
+
+
+def test_recovery_and_sweeps_restart_only_from_complete_checkpoints_before_the_trouble(tmp_path):
+    """A recovery restarts from before the climb; a torn checkpoint there is skipped like on --resume."""
+    for step in (2, 4, 6, 8):
+        _checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"o" * 10)  # truncated by a kill
+    assert restart_checkpoint(tmp_path, trouble_began=7) == tmp_path / "checkpoint-2"  # 6 gave step 7's loss
+    assert restart_checkpoint(tmp_path, trouble_began=8) == tmp_path / "checkpoint-6"
+    assert restart_checkpoint(tmp_path, trouble_began=3) is None  # from the initial weights
+    assert resumable(tmp_path, before=6) == (
+        tmp_path / "checkpoint-2",
+        ["checkpoint-4 skipped: optimizer.pt is 10 bytes, not the 100 it was saved with (truncated)"],
+    )
 
 
 def test_retention_never_deletes_the_best_the_newest_or_foreign_checkpoints(tmp_path):
@@ -158,7 +160,7 @@ def test_a_failed_save_stops_the_run_with_a_clear_error_and_the_last_good_checkp
     assert "the last good checkpoint, checkpoint-2, is intact" in message and "--resume" in message
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "failed" and "could not save checkpoint-4" in result["error"]
-    assert validate(run_dir / "checkpoint-2") is None
+    assert checkpoint_problem(run_dir / "checkpoint-2") is None
     assert not (run_dir / "checkpoint-4").exists() and not (run_dir / STAGING).exists()
     assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "train") == 4
 
@@ -192,7 +194,7 @@ def test_checkpoints_of_a_real_run_are_complete_and_retention_holds(tiny_model_d
     assert result.status == "completed", result.error
     saved = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert 1 <= len(saved) <= 2 and saved[-1].name == "checkpoint-6"
-    assert all(validate(p) is None for p in saved)
+    assert all(checkpoint_problem(p) is None for p in saved)
     best = result.numbers["best_checkpoint"]
     assert best and (run_dir / best).is_dir()  # the best one is never pruned
     assert not (run_dir / STAGING).exists()

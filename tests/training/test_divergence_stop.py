@@ -121,7 +121,7 @@ def test_an_explosion_in_the_first_steps_stops_the_run_at_its_step(tiny_model_di
     assert finding.code == "loss_explosion" and finding.step < EXPLODES["training.max_steps"]
     assert finding.fixes[0].change == "training.learning_rate=9.0e-02"  # lr too high is ranked first
     # No checkpoint of the exploded weights is left for `--resume` to pick up.
-    assert rundir.latest_checkpoint(result.run_dir) is None
+    assert rundir.resumable(result.run_dir)[0] is None
     # plan.json tells the doctor the vocabulary size (ln of it: the loss of a model that knows nothing).
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     assert rundir.read_json_object(result.run_dir / rundir.PLAN)["vocab_size"] == vocab

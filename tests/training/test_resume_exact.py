@@ -24,7 +24,7 @@ import torch
 from conftest import read_jsonl
 from safetensors.torch import load_file
 
-from tunewise.training.checkpoints import STAGING, validate
+from tunewise.rundir import STAGING, checkpoint_problem
 
 HELPER = Path(__file__).parent / "resume_helper.py"
 MAX_STEPS = 12  # 48 examples, 8 per step: two epochs, so a resume also crosses an epoch boundary
@@ -164,7 +164,7 @@ def test_sigkill_during_a_checkpoint_save_then_resume_skips_it_and_is_exact(setu
     KILLS.append("killed")
     assert not (run_dir / f"checkpoint-{step}").exists()  # the torn save never got the real name
     assert (run_dir / STAGING / f"checkpoint-{step}" / "optimizer.pt").is_file()
-    assert validate(run_dir / "checkpoint-4") is None
+    assert checkpoint_problem(run_dir / "checkpoint-4") is None
     resumed = _run(record, args, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (
@@ -218,7 +218,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_stop_cleanly_and_resume_exactly(se
     assert result["status"] == "stopped" and 3 <= stopped_at < MAX_STEPS, result
     assert f"stopped by {sig.name} at step {stopped_at}" in result["error"]
     assert f"resume with: tunewise train {run_dir / 'config.yaml'} --resume" in result["error"]
-    assert validate(run_dir / f"checkpoint-{stopped_at}") is None  # the step it stopped at is saved
+    assert checkpoint_problem(run_dir / f"checkpoint-{stopped_at}") is None  # the step it stopped at is saved
     KILLS.append("stopped")
     resumed = _run(record, args, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from conftest import read_jsonl, tiny_overrides
 
 from tunewise.config import load_config
-from tunewise.training.checkpoints import STAGING, validate
+from tunewise.rundir import STAGING, checkpoint_problem
 
 STEPS = int(os.environ.get("TUNEWISE_SOAK_STEPS", "2000"))
 EVERY = 50  # save and evaluate every 50 steps: 40 saves and 40 evaluations in 2000 steps
@@ -73,7 +73,7 @@ def test_a_long_run_with_frequent_saves_keeps_memory_retention_and_metrics(
 
     saved = sorted(run_dir.glob("checkpoint-*"))
     assert 1 <= len(saved) <= KEEP, [p.name for p in saved]
-    assert all(validate(p) is None for p in saved) and not (run_dir / STAGING).exists()
+    assert all(checkpoint_problem(p) is None for p in saved) and not (run_dir / STAGING).exists()
     assert f"checkpoint-{STEPS}" in {p.name for p in saved}
 
     records = read_jsonl(run_dir / "metrics.jsonl")

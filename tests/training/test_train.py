@@ -15,6 +15,7 @@ from conftest import read_jsonl, tiny_overrides
 from safetensors.torch import load_file
 
 from tunewise.config import load_config
+from tunewise.training import run
 from tunewise.training.run import TrainHooks, train
 
 REPO = Path(__file__).parents[2]
@@ -25,6 +26,7 @@ def _complete(run_dir: Path, saved: str) -> None:
     for name in ["config.yaml", "plan.json", "metrics.jsonl", "result.json", saved]:
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # a library leaves the process environment alone
     assert list(run_dir.glob("checkpoint-*/trainer_state.json"))
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_steps = [r for r in records if r["type"] == "train"]
@@ -72,7 +74,9 @@ def test_gradient_checkpointing_with_adapter_gets_gradients(tiny_model_dir, smal
     assert all(r["grad_norm"] > 0 for r in steps)
 
 
-def test_resume_restores_step_count_and_schedule(tiny_model_dir, small_data, tmp_path):
+def test_resume_restores_step_count_schedule_and_the_doctors_history(
+    tiny_model_dir, small_data, tmp_path, monkeypatch
+):
     overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "whole"})
     whole = train(load_config(None, overrides))
     lrs_whole = {
@@ -87,9 +91,21 @@ def test_resume_restores_step_count_and_schedule(tiny_model_dir, small_data, tmp
     stopped = train(cfg, hooks=TrainHooks(on_step=stop_after_checkpoint))
     assert stopped.status == "stopped"
     assert json.loads((stopped.run_dir / "result.json").read_text())["status"] == "stopped"
+    before = {r["step"]: r["loss"] for r in read_jsonl(stopped.run_dir / "metrics.jsonl") if "loss" in r}
+    replayed: list[list[tuple[int, float]]] = []
+    restore = run.restore_history
+
+    def spy(watcher, run_dir, checkpoint):  # the resumed attempt's doctor, right after its history
+        found = restore(watcher, run_dir, checkpoint)
+        replayed.append(list(watcher.losses))
+        return found
+
+    monkeypatch.setattr(run, "restore_history", spy)
     cfg = load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"name": "cut"}))
     resumed = train(cfg, resume=True)
     assert resumed.status == "completed" and resumed.global_step == whole.global_step == 6
+    # the doctor of the resumed attempt starts with every step up to checkpoint-3, as logged before the stop
+    assert replayed == [[(step, before[step]) for step in (1, 2, 3)]]
     records = [r for r in read_jsonl(resumed.run_dir / "metrics.jsonl") if r["type"] == "train"]
     # one line per step across the stop and the resume (a step that ran again replaces its line)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
-from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite, load_curve, read_context
+from tunewise.doctor.curve import Curve, finite, load_curve, read_context
 from tunewise.doctor.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
 from tunewise.doctor.progress import FLAT_BAND
 from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
@@ -97,14 +97,7 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     context = context or {}
     watcher = CurveWatcher(**{key: context.get(key) for key in WATCHER_KEYS})
     watcher.total_steps = watcher.total_steps or curve.total_steps
-    # Trainer evaluates after logging the train loss of the same step.
-    for point in sorted([*curve.train, *curve.eval], key=lambda p: (p.step, isinstance(p, EvalPoint))):
-        if isinstance(point, TrainPoint):
-            watcher.observe_train(
-                point.step, point.loss, point.grad_norm, point.lr, point.epoch, point.trainable_tokens
-            )
-        else:
-            watcher.observe_eval(point.step, point.eval_loss, point.epoch)
+    watcher.replay(curve)
     watcher.finish()
     _settle(watcher)
     verdict = _verdict(watcher, len(curve.train), context.get("status"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from tunewise.doctor.curve import finite
+from tunewise.doctor.curve import Curve, EvalPoint, TrainPoint, finite
 from tunewise.doctor.divergence import DivergenceRules
 from tunewise.doctor.findings import Finding, Severity
 from tunewise.doctor.masking import MaskingRules
@@ -134,6 +134,25 @@ class CurveWatcher:
             return []  # it follows a non-finite train loss, which is reported already
         new = self.overfitting.observe_eval(step, eval_loss, epoch)
         self.findings += new
+        return new
+
+    def replay(self, curve: Curve, upto: int | None = None) -> list[Finding]:
+        """Feed a logged curve (up to step `upto`) point by point; returns the findings it raised.
+
+        The live monitor calls it on `--resume` and after a recovery, so the rules keep the history
+        (the losses, the episodes, the once-per-run findings) of the steps logged before the restart.
+        """
+        new: list[Finding] = []
+        # Trainer evaluates after logging the train loss of the same step.
+        for point in sorted([*curve.train, *curve.eval], key=lambda p: (p.step, isinstance(p, EvalPoint))):
+            if upto is not None and point.step > upto:
+                break
+            if isinstance(point, TrainPoint):
+                new += self.observe_train(
+                    point.step, point.loss, point.grad_norm, point.lr, point.epoch, point.trainable_tokens
+                )
+            else:
+                new += self.observe_eval(point.step, point.eval_loss, point.epoch)
         return new
 
     def finish(self) -> list[Finding]:

@@ -3,7 +3,7 @@
 The Trainer writes each checkpoint into a staging directory (`<run>/.saving/checkpoint-N`); every
 file is fsynced, a small manifest (step, files, sizes) is written last, and the directory is renamed
 to `<run>/checkpoint-N`. A process killed mid-save leaves only the staging directory, which no reader
-takes for a checkpoint. `resumable` returns the newest checkpoint whose manifest validates and names
+takes for a checkpoint. `rundir.resumable` returns the newest checkpoint whose manifest validates and names
 each torn one it skipped; `prune` applies the retention limit but never deletes the best checkpoint,
 the newest complete one, or anything without tunewise's manifest. `room_problem` says, before training,
 whether the run directory is writable and has room for the checkpoints the run will keep.
@@ -26,8 +26,6 @@ from tunewise.training.monitor import WatchedTrainer
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "tunewise-checkpoint.json"  # written last: its presence and sizes make a checkpoint complete
-STAGING = ".saving"  # where a checkpoint is written before it is renamed into place
 ADAM_STATES = 2  # exp_avg and exp_avg_sq: fp32 copies of every trainable parameter
 SMALL_FILES = 32 * 2**20  # tokenizer, scheduler, RNG, trainer state, config: a generous allowance
 
@@ -43,82 +41,13 @@ def _fsync(path: Path) -> None:
 def write_manifest(folder: Path, step: int) -> None:
     """fsync every file of a staged checkpoint, then write (and fsync) its manifest last."""
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != rundir.MANIFEST):
         _fsync(path)
         files[str(path.relative_to(folder))] = path.stat().st_size
-    manifest = folder / MANIFEST
+    manifest = folder / rundir.MANIFEST
     manifest.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
     _fsync(manifest)
     _fsync(folder)
-
-
-def validate(folder: Path) -> str | None:
-    """Why a checkpoint directory does not count (in words), or None when it is complete."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return "it has no manifest (its save never finished, or tunewise did not write it)"
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        step, files = int(data["step"]), dict(data["files"])
-    except (ValueError, KeyError, TypeError, RecursionError, OSError):
-        return f"its {MANIFEST} is unreadable"
-    if step != rundir.checkpoint_step(folder):
-        return f"its manifest is for step {step}"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with (truncated)"
-    return None
-
-
-def resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest complete checkpoint, and one line for each newer one skipped and why.
-
-    Returns:
-        (checkpoint or None, skipped lines like "checkpoint-12 skipped: optimizer.pt is missing").
-    """
-    skipped = [
-        f"{STAGING}/{p.name} ignored: a save that was interrupted"
-        for p in sorted((Path(run_dir) / STAGING).glob(f"{rundir.CHECKPOINT_PREFIX}*"))
-    ]
-    for _, path in sorted(rundir.checkpoints(run_dir).items(), reverse=True):
-        reason = validate(path)
-        if reason is None:
-            return path, skipped
-        skipped.append(f"{path.name} skipped: {reason}")
-    return None, skipped
-
-
-def drop_records_after(run_dir: Path, step: int) -> int:
-    """Before resuming at `step`: remove the log lines of the steps after it, which will be run again.
-
-    So metrics.jsonl and findings.jsonl keep exactly one line per step; a line cut off by the kill goes too.
-
-    Returns:
-        The number of lines removed.
-    """
-    removed = 0
-    for name in (rundir.METRICS, rundir.FINDINGS):
-        path = Path(run_dir) / name
-        if not path.is_file():
-            continue
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
-            except (ValueError, TypeError, RecursionError):
-                keep = False
-            if keep:
-                kept.append(line)
-            elif line.strip():
-                removed += 1
-        staged = path.with_name(path.name + ".tmp")
-        staged.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(staged, path)
-    return removed
 
 
 def prune(run_dir: Path, keep: int | None, best: str | Path | None) -> list[Path]:
@@ -129,7 +58,8 @@ def prune(run_dir: Path, keep: int | None, best: str | Path | None) -> list[Path
     """
     if not keep or keep < 1:
         return []
-    complete = [p for _, p in sorted(rundir.checkpoints(run_dir).items()) if validate(p) is None]
+    found = sorted(rundir.checkpoints(run_dir).items())
+    complete = [p for _, p in found if rundir.checkpoint_problem(p) is None]
     protected = {complete[-1].name} if complete else set()
     if best:
         protected.add(Path(best).name)
@@ -195,7 +125,7 @@ class CrashSafeTrainer(WatchedTrainer):
         run_dir = Path(super()._get_output_dir(trial))
         step = self.state.global_step
         name = f"{rundir.CHECKPOINT_PREFIX}{step}"
-        staging = run_dir / STAGING
+        staging = run_dir / rundir.STAGING
         try:
             if self.args.should_save:  # the main process; in DDP the others add their RNG files
                 shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
@@ -219,7 +149,7 @@ class CrashSafeTrainer(WatchedTrainer):
             shutil.rmtree(staging, ignore_errors=True)
         except Exception as exc:  # OSError, safetensors' and torch's own errors for a full disk
             shutil.rmtree(staging, ignore_errors=True)
-            good, _ = resumable(run_dir)
+            good, _ = rundir.resumable(run_dir)
             last = (
                 f"the last good checkpoint, {good.name}, is intact" if good else "no checkpoint was saved yet"
             )

@@ -75,7 +75,7 @@ def restart_checkpoint(run_dir: Path, trouble_began: int) -> Path | None:
     Checkpoint N holds the weights that gave step N+1's loss, so it must come before step
     `trouble_began` - 1.
     """
-    return rundir.latest_checkpoint(run_dir, before=trouble_began - 1)
+    return rundir.resumable(run_dir, before=trouble_began - 1)[0]
 
 
 def drop_checkpoints_after(run_dir: Path, good: Path | None) -> None:

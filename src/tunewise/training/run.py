@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 
 from tunewise import rundir
 from tunewise.batching import (
@@ -30,14 +30,16 @@ from tunewise.batching import (
     sampling_strategy,
 )
 from tunewise.config import Config
+from tunewise.doctor.curve import load_curve
 from tunewise.doctor.findings import Finding
 from tunewise.doctor.watcher import CurveWatcher
+from tunewise.errors import DoctorError
 from tunewise.model import Hardware, load_model
 from tunewise.plan import Prepared, plan_steps, prepare
 from tunewise.report import write_report
 from tunewise.rundir import RunResult
 from tunewise.training.callbacks import DiskGuard, LearningRateReset, PauseAt, StopOnSignal
-from tunewise.training.checkpoints import CrashSafeTrainer, drop_records_after, resumable
+from tunewise.training.checkpoints import CrashSafeTrainer
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
 from tunewise.training.recovery import divergence_message, recover
@@ -127,19 +129,22 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
     run_dir, hooks = setup.run_dir, setup.hooks
     changes: list[str] = []
     findings: list[Finding] = []  # every attempt's, summarised in result.json
-    latest, skipped = resumable(run_dir) if resume else (None, [])
+    latest, skipped = rundir.resumable(run_dir) if resume else (None, [])
     for line in skipped:  # torn checkpoints: named, never resumed from
         logger.warning("%s: %s", run_dir, line)
         if hooks.on_notice and is_main_process():
             hooks.on_notice(f"resume: {line}")
     checkpoint = str(latest) if latest else None
     if latest is not None and is_main_process():  # the steps after it run again: one log line each
-        drop_records_after(run_dir, rundir.checkpoint_step(latest))
+        rundir.drop_records_after(run_dir, rundir.checkpoint_step(latest))
     if resume and checkpoint is None:
         logger.info("no checkpoint in %s: starting from step 0", run_dir)
     doctor = setup.cfg.doctor
     for attempt in range(doctor.max_recoveries + 1):
         trainer, monitor = build_trainer(setup)
+        history = restore_history(monitor.watcher, run_dir, checkpoint)
+        if attempt == 0:  # on --resume: the findings of the steps before, for result.json
+            findings += history
         if changes:
             trainer.add_callback(LearningRateReset(setup.cfg.training["learning_rate"]))
         if hooks.on_start and is_main_process():
@@ -183,6 +188,24 @@ def _train_attempts(setup: RunSetup, resume: bool) -> RunResult:
     raise AssertionError("unreachable")
 
 
+def restore_history(watcher: CurveWatcher, run_dir: Path, checkpoint: str | None) -> list[Finding]:
+    """Replay the steps logged up to the checkpoint a run restarts from into the new attempt's watcher.
+
+    Without it a resumed (or recovered) run starts a doctor that forgot everything: a healthy run
+    resumed at step 300 would be called flat at step 350. The findings it raises again are in
+    findings.jsonl already; they are returned, not written.
+    """
+    step = rundir.checkpoint_step(Path(checkpoint)) if checkpoint else None
+    if not step or not (run_dir / rundir.METRICS).exists():
+        return []
+    try:
+        curve = load_curve(run_dir / rundir.METRICS)
+    except DoctorError as exc:  # a history the doctor cannot read never stops a resume
+        logger.warning("the doctor starts without the history before step %d: %s", step, exc)
+        return []
+    return watcher.replay(curve, upto=step)
+
+
 def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
     """The model, the WatchedTrainer and its StepMonitor for one attempt."""
     cfg, run_dir, prepared = setup.cfg, setup.run_dir, setup.prepared
@@ -200,8 +223,6 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
             setup.hooks.on_notice(choice.notice())
     has_eval = bool(bundle.validation)
     args = training_arguments(cfg, run_dir, hw, has_eval)
-    # The TensorBoard callback reads the env var in this release; keep events inside the run directory.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
     trainer = CrashSafeTrainer(
         model=model,
         args=args,
@@ -231,6 +252,9 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
         on_notice=setup.hooks.on_notice,
     )
     monitor.total_steps = plan.total_steps
+    for callback in trainer.callback_handler.callbacks:  # events inside the run directory, no env var set
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(run_dir / rundir.TENSORBOARD)
     trainer.add_callback(monitor)
     for noisy in (PrinterCallback, ProgressCallback):  # the monitor and the CLI report progress
         trainer.remove_callback(noisy)
@@ -245,15 +269,11 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
 
 def training_arguments(cfg: Config, run_dir: Path, hw: Hardware, has_eval: bool) -> TrainingArguments:
     """TrainingArguments from the config, the run directory and the resolved hardware."""
-    t = dict(cfg.training)
-    t["optim"] = hw.optim
-    t["bf16"] = hw.precision == "bf16"
-    t["fp16"] = hw.precision == "fp16"
+    t = {**cfg.training, **hw.trainer_arguments()}
     t["disable_tqdm"] = True  # tunewise shows its own progress
     if sampling_strategy(cfg.data.batching):
         t["train_sampling_strategy"] = sampling_strategy(cfg.data.batching)
     if hw.device == "cpu":
-        t["use_cpu"] = True
         t.setdefault("dataloader_pin_memory", False)
         if world_size() > 1:
             t.setdefault("ddp_backend", "gloo")
