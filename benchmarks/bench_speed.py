@@ -20,8 +20,9 @@ load of a shared machine falls on both tools alike:
 Every number is taken the same way for every run: the time between the ends of consecutive optimizer steps
 (data loading included), over the steps after the first (warm-up), and token counts from the batches the
 model received (`tunewise.batching.batch_counts`: trained = loss targets, tokens = real tokens, positions =
-computed positions, padding included). MFU: model FLOPs (tunewise.batching.StepCost: 4N + 2N_trainable per
-token plus the attention pairs, padding not counted) over the matmul peak measured at the start.
+computed positions, padding included). MFU: model FLOPs (tunewise.training.cost.StepCost: 4N +
+2N_trainable per token plus the attention pairs, padding not counted)
+over the matmul peak measured at the start.
 
     PYTHONPATH=src python benchmarks/bench_speed.py [--steps 8] [--datasets bundled,varied] [--runs R1,R2]
         [--runs-for bundled=tunewise,trl_matched] [--model NAME]
@@ -178,8 +179,8 @@ def run_tunewise(spec: dict, out: Path, batching: str) -> dict[str, Any]:
     tunewise.training.run for this process; the run's own metrics.jsonl numbers are kept beside them.
     """
     from tunewise import rundir
-    from tunewise.batching import model_step_cost
     from tunewise.training import run as run_module
+    from tunewise.training.cost import model_step_cost
 
     cfg = _tunewise_config(spec, out, batching)
     steps: list[dict] = []
@@ -268,9 +269,9 @@ def run_trl(spec: dict, out: Path, variant: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tunewise.batching import model_step_cost
     from tunewise.model import resolve_hardware, resolve_model_path
     from tunewise.plan import prepare
+    from tunewise.training.cost import model_step_cost
 
     cfg = _tunewise_config(spec, out, "padded")
     path = resolve_model_path(cfg.model.name)

@@ -21,13 +21,13 @@ from tunewise.batching import (
     choose_batching,
     make_collator,
     packing_problem,
-    peak_flops,
     record_choice,
     sampling_strategy,
-    step_cost,
 )
 from tunewise.data import DataCollator
 from tunewise.plan import plan_steps
+from tunewise.training import cost
+from tunewise.training.cost import peak_flops, step_cost
 
 VOCAB = 300
 
@@ -223,7 +223,7 @@ def test_step_cost_and_mfu():
 
 def test_peak_flops_is_measured_once_per_device(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("tunewise.batching.measure_peak_flops", lambda device, dtype: calls.append(1) or 5e9)
+    monkeypatch.setattr(cost, "measure_peak_flops", lambda device, dtype: calls.append(1) or 5e9)
     cache = tmp_path / "peak.json"
     assert peak_flops("cpu", "Test CPU", torch.bfloat16, cache) == 5e9
     assert peak_flops("cpu", "Test CPU", torch.bfloat16, cache) == 5e9

@@ -28,11 +28,12 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunewise import rundir
-from tunewise.batching import StepCost, batch_counts
+from tunewise.batching import batch_counts
 from tunewise.doctor.codes import DIVERGED_CODES
 from tunewise.doctor.findings import Finding, append_findings
 from tunewise.doctor.memory import check_memory
 from tunewise.doctor.watcher import CurveWatcher
+from tunewise.training.cost import StepCost
 
 logger = logging.getLogger(__name__)
 MEMORY_ESTIMATE_TOLERANCE = 0.25  # plan's estimate vs the measured peak: a larger error is reported as a bug

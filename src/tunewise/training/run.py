@@ -25,7 +25,6 @@ from tunewise import rundir
 from tunewise.batching import (
     choose_batching,
     make_collator,
-    model_step_cost,
     record_choice,
     sampling_strategy,
 )
@@ -40,6 +39,7 @@ from tunewise.report import write_report
 from tunewise.rundir import RunResult
 from tunewise.training.callbacks import DiskGuard, LearningRateReset, PauseAt, StopOnSignal
 from tunewise.training.checkpoints import CrashSafeTrainer
+from tunewise.training.cost import model_step_cost
 from tunewise.training.distributed import is_main_process, world_size
 from tunewise.training.monitor import StepMonitor, WatchedTrainer
 from tunewise.training.recovery import divergence_message, recover
