@@ -19,12 +19,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tunewise.config import Config
+from tunewise.data import (
+    DataCollator,
+    EncodedExample,
+    data_paths,
+    encode_conversation,
+    ensure_pad_token,
+    split_validation,
+)
 from tunewise.errors import ConfigError, DataError
+from tunewise.formats import load_conversations, problem_lines
 from tunewise.metrics import (
     METRICS,
     UserMetric,
@@ -35,10 +44,8 @@ from tunewise.metrics import (
     rank_changes,
     score_examples,
 )
+from tunewise.model import load_base_model, load_tokenizer, resolve_hardware
 from tunewise.rundir import EVAL, EVAL_EXAMPLES, write_json, write_jsonl
-
-if TYPE_CHECKING:
-    from tunewise.data import EncodedExample
 
 # (what is running, done, total): e.g. ("tuned: generating", 32, 100); the CLI draws the bar.
 ProgressFn = Callable[[str, int, int], None]
@@ -49,8 +56,6 @@ LOSS_BATCH = 8  # sequences per teacher-forced forward pass (logits are batch x 
 
 def load_for_inference(cfg: Config, run_dir: Path | None) -> tuple[Any, Any]:
     """(model, tokenizer): the base as it was trained (4-bit for qlora) plus the run's adapter, if any."""
-    from tunewise.data import ensure_pad_token
-    from tunewise.model import load_base_model, load_tokenizer, resolve_hardware
 
     hw = resolve_hardware(cfg)
     if run_dir is not None and (run_dir / "model").is_dir():
@@ -161,7 +166,6 @@ class EvalSet:
 
 def _load_set(name: str, path: Path, cfg: Config, limit: int | None) -> EvalSet:
     """A split from its file; every row must end with an assistant turn (the reference)."""
-    from tunewise.formats import load_conversations, problem_lines
 
     conversations, sources, _ = load_conversations(path, cfg.data)
     if limit:
@@ -182,7 +186,6 @@ def _load_set(name: str, path: Path, cfg: Config, limit: int | None) -> EvalSet:
 
 def load_test_set(cfg: Config, limit: int | None = None) -> EvalSet:
     """The test split: `data.test`, or the bundled test split with the bundled data."""
-    from tunewise.data import data_paths
 
     path = data_paths(cfg.data)[2]
     if path is None:
@@ -195,8 +198,6 @@ def load_test_set(cfg: Config, limit: int | None = None) -> EvalSet:
 
 def load_validation_set(cfg: Config, limit: int | None = None) -> EvalSet | None:
     """Validation conversations as training evaluated them (file or seeded split); None without any."""
-    from tunewise.data import data_paths, split_validation
-    from tunewise.formats import load_conversations
 
     train_path, validation_path, _ = data_paths(cfg.data)
     if validation_path is not None:
@@ -217,7 +218,6 @@ def load_validation_set(cfg: Config, limit: int | None = None) -> EvalSet | None
 def encode_set(eval_set: EvalSet, tokenizer: Any, cfg: Config) -> list[EncodedExample | None]:
     """Each conversation as training encodes it (template, masks, truncation); None where training
     would leave it out (dropped as too long, or no trained token)."""
-    from tunewise.data import encode_conversation
 
     out: list[EncodedExample | None] = []
     for conversation, source in zip(eval_set.conversations, eval_set.sources, strict=True):
@@ -230,7 +230,6 @@ def example_losses(
     model: Any, examples: list[EncodedExample | None], pad_token_id: int, batch_size: int = LOSS_BATCH
 ) -> list[tuple[float, int] | None]:
     """(summed negative log-likelihood, trained tokens) per example: teacher-forced on its labels."""
-    from tunewise.data import DataCollator
 
     collate = DataCollator(pad_token_id=pad_token_id)
     present = [i for i, e in enumerate(examples) if e is not None]
@@ -410,8 +409,6 @@ def compare(
     if cfg.eval.max_new_tokens:
         max_new_tokens, why_tokens = cfg.eval.max_new_tokens, "set by eval.max_new_tokens"
     else:
-        from tunewise.model import load_tokenizer
-
         max_new_tokens, why_tokens = cap_new_tokens(load_tokenizer(cfg), plan.test.references)
     base = _evaluate_model(
         cfg, None, plan.test, plan.validation, plan.names, plan.user, max_new_tokens, progress
@@ -474,7 +471,6 @@ def prompt_conversations(cfg: Config, prompts: list[str]) -> list[list[dict]]:
 def conversations_from_file(cfg: Config, path: Path) -> list[list[dict]]:
     """Prompts from a file: a data file (.jsonl/.json/.csv/.parquet, any supported format; the prompt is
     each row up to its last assistant turn) or plain text with one prompt per line."""
-    from tunewise.formats import load_conversations
 
     if not path.is_file():
         raise DataError(f"`{path}`: no such file; pass a text file with one prompt per line or a data file")

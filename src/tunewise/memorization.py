@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise.config import Config
+from tunewise.data import data_paths, split_validation
 from tunewise.errors import DataError
 from tunewise.evaluate import (
     EvalSet,
@@ -30,6 +31,7 @@ from tunewise.evaluate import (
     reference_of,
     summarize_loss,
 )
+from tunewise.formats import load_conversations, problem_lines
 from tunewise.rundir import MEMORIZATION, write_json
 
 # Instruction words and their synonyms for `rephrase`: common imperative verbs and phrasings.
@@ -150,8 +152,6 @@ def _with_answers(eval_set: EvalSet) -> EvalSet:
 
 def _train_set(cfg: Config) -> EvalSet:
     """Training conversations as the run trained on them (without a validation_split part)."""
-    from tunewise.data import data_paths, split_validation
-    from tunewise.formats import load_conversations
 
     rows, sources, _ = load_conversations(data_paths(cfg.data)[0], cfg.data)
     pairs = list(zip(rows, sources, strict=True))
@@ -173,7 +173,6 @@ def _user_rephrasings(cfg: Config, train: EvalSet, n: int) -> tuple[EvalSet, Eva
         DataError: naming each row whose answer is no training row's answer, or whose prompt is not
             reworded at all.
     """
-    from tunewise.formats import load_conversations, problem_lines
 
     path = Path(cfg.eval.rephrased)
     rows, sources, _ = load_conversations(path, cfg.data)
