@@ -215,18 +215,34 @@ def plot_grad_norm(curve: Curve, max_grad_norm: float | None, path: Path) -> Pat
     return path
 
 
+def _running_median(values: list[float]) -> list[float]:
+    """Each value's median over a window of about a tenth of the series."""
+    half = max(1, len(values) // 20)
+    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+
+
 def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Tokens per second per step (metrics.jsonl; Trainer logs do not record it per step)."""
+    """Tokens per second per step (metrics.jsonl; Trainer logs do not record it per step): all tokens, and
+    the trained ones (loss targets) where the records have them."""
     points = [(r["step"], r["tokens_per_s"]) for r in records if _finite(r.get("tokens_per_s"))]
     if not points:
         return None
     fig, ax = _figure(5.4, 3.0, "Throughput (tokens/s)")
     steps = [s for s, _ in points]
     rates = [r for _, r in points]
-    ax.plot(steps, rates, color=SPEED_COLOR, linewidth=1, alpha=0.45, label="per step")
-    half = max(1, len(rates) // 20)
-    smooth = [statistics.median(rates[max(0, i - half) : i + half + 1]) for i in range(len(rates))]
-    ax.plot(steps, smooth, color="#007b83", linewidth=1.6, label="running median")
+    ax.plot(steps, rates, color=SPEED_COLOR, linewidth=1, alpha=0.45, label="all tokens, per step")
+    ax.plot(steps, _running_median(rates), color="#007b83", linewidth=1.6, label="all tokens, running median")
+    trained = [
+        (r["step"], r["trained_tokens_per_s"]) for r in records if _finite(r.get("trained_tokens_per_s"))
+    ]
+    if trained:
+        ax.plot(
+            [s for s, _ in trained],
+            _running_median([r for _, r in trained]),
+            color=LR_COLOR,
+            linewidth=1.6,
+            label="trained tokens, running median",
+        )
     ax.set_ylim(bottom=0)
     ax.legend(frameon=False, fontsize=7, loc="best")
     fig.savefig(path)

@@ -499,6 +499,66 @@ def _hardware_and_time(run: RunFiles) -> str:
     )
 
 
+def _flops(x: Any) -> str:
+    """FLOP/s for people: 1.23 TFLOP/s."""
+    if not isinstance(x, int | float) or not math.isfinite(x) or x <= 0:
+        return "—"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}FLOP/s"
+    return f"{x:.3g} FLOP/s"
+
+
+def _given(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _speed_rows(speed: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) of result.json's `speed`: the run's totals over the steps timed; None left out."""
+    trained, every = speed.get("trained_tokens_per_s"), speed.get("tokens_per_s")
+    padding, mfu, steps = speed.get("padding_fraction"), speed.get("mfu"), speed.get("steps_timed")
+    peak = f" of {_flops(speed.get('peak_flops'))} (a matmul's peak, measured on this device)"
+    rows = [
+        ("trained tokens/s", f"{_num(trained)} tokens/s" if _given(trained) else None),
+        ("all tokens/s", f"{_num(every)} tokens/s" if _given(every) else None),
+        ("padding fraction", _pct(padding) if _given(padding) else None),
+        ("MFU", _pct(mfu) + peak if _given(mfu) else None),
+        (
+            "steps timed",
+            f"{_num(steps)} (the first step of each attempt left out)" if _given(steps) else None,
+        ),
+    ]
+    return [(k, v) for k, v in rows if v is not None]
+
+
+def _memory_rows(memory: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) of result.json's `memory`: the plan's estimate against the measured peak."""
+    error = memory.get("error")
+    rows = [
+        ("estimated peak (plan)", memory.get("estimated_peak")),
+        ("measured peak", memory.get("measured_peak")),
+        ("measured at step 1", memory.get("measured_step_1")),
+    ]
+    shown = [(k, _bytes(v)) for k, v in rows if v is not None]
+    if _given(error):
+        shown.append(("estimate error", f"{error:+.1%} (measured vs estimated)"))
+    return shown
+
+
+def _speed_and_memory(run: RunFiles) -> str:
+    """What the run's steps cost and the memory it took, from result.json (absent for older runs)."""
+    speed, memory = run.result.get("speed"), run.result.get("memory")
+    rows = _speed_rows(speed) if isinstance(speed, dict) else []
+    rows += _memory_rows(memory) if isinstance(memory, dict) else []
+    if not rows:
+        return ""
+    warning = memory.get("warning") if isinstance(memory, dict) else None
+    body = _table([(_e(k), _e(v)) for k, v in rows])
+    if warning:
+        body += f'<div class="warn">{_e(warning)}</div>'
+    return _section("speed", "Speed and memory", body)
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and data:
         out: dict[str, Any] = {}
@@ -563,7 +623,12 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
             _figure(
                 images, "grad_norm", "gradient norm", "pre-clip gradient norm; dashed: the clipping threshold"
             ),
-            _figure(images, "throughput", "throughput", "tokens processed per second of each optimizer step"),
+            _figure(
+                images,
+                "throughput",
+                "throughput",
+                "tokens per second of each optimizer step: all tokens, and the trained ones (loss targets)",
+            ),
         ]
     )
     missing = (
@@ -575,6 +640,7 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
         if run.missing
         else ""
     )
+    speed = _speed_and_memory(run)  # under hardware and time, in the column next to the plan
     parts = [
         _header(run, generated),
         _cards(run),
@@ -590,7 +656,7 @@ def render_html(run: RunFiles, images: dict[str, str], generated: datetime) -> s
         _eval_examples(run),
         _memorization(run),
         _samples(run),
-        f'<div class="two">{_plan_and_check(run)}{_hardware_and_time(run)}</div>',
+        f'<div class="two">{_plan_and_check(run)}<div>{_hardware_and_time(run)}{speed}</div></div>',
         _config(run),
         missing,
     ]

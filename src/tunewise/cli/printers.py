@@ -40,6 +40,48 @@ def fmt(x: Any, digits: int = 4) -> str:
     return "-" if x is None else str(x)
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def compact(x: float) -> str:
+    """A rate in few characters: 950, 1.9k, 12k, 3.4M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            x /= scale
+            return f"{x:.1f}{suffix}" if abs(x) < 10 else f"{x:.0f}{suffix}"
+    return f"{x:.1f}" if abs(x) < 10 else f"{x:.0f}"
+
+
+def share(x: float) -> str:
+    """A fraction as a short percentage: 35%, 4.1%, 0.3%."""
+    return f"{x:.0%}" if x == 0 or abs(x) >= 0.1 else f"{x:.1%}"
+
+
+def speed_text(rec: dict) -> str:
+    """A step's speed from its metrics record: `1.9k trained tok/s · pad 3% · MFU 4.1%`.
+
+    Trained tokens/s (all tokens/s, said so, when the batches carry no labels), the padding share of the
+    positions computed, and the model FLOPs utilisation; a number the record lacks (None, NaN) is left out.
+    """
+    parts = []
+    if _finite(rec.get("trained_tokens_per_s")):
+        parts.append(f"{compact(rec['trained_tokens_per_s'])} trained tok/s")
+    elif _finite(rec.get("tokens_per_s")):
+        parts.append(f"{compact(rec['tokens_per_s'])} tok/s")
+    if _finite(rec.get("padding_fraction")):
+        parts.append(f"pad {share(rec['padding_fraction'])}")
+    if _finite(rec.get("mfu")):
+        parts.append(f"MFU {share(rec['mfu'])}")
+    return " · ".join(parts)
+
+
+def step_info(rec: dict) -> str:
+    """The progress line's numbers for one optimizer step: loss, learning rate, then its speed."""
+    speed = speed_text(rec)
+    return f"loss {fmt(rec['loss'])} lr {fmt(rec['learning_rate'], 3)}" + (f"  {speed}" if speed else "")
+
+
 class Progress:
     """Progress during train: a rich bar on a terminal, a plain line every 15 s (and at steps 1 and 10)
     elsewhere; nothing when quiet."""
@@ -64,10 +106,7 @@ class Progress:
         self.task = self.bar.add_task("train", total=self.total, info="")
 
     def step(self, rec: dict) -> None:
-        info = (
-            f"loss {fmt(rec['loss'])} lr {fmt(rec['learning_rate'], 3)} "
-            f"{fmt(rec.get('tokens_per_s') or 0.0, 4)} tok/s"
-        )
+        info = step_info(rec)
         if self.bar is not None:
             self.bar.update(self.task, completed=rec["step"], info=info)
         elif not self.quiet and (

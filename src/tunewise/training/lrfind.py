@@ -5,6 +5,10 @@ same initial adapter; the run stops once the smoothed loss passes 4x its minimum
 with a forward-backward EMA and read two ways: the valley rule (a tenth of the lr at the minimum: the
 suggestion) and the steepest descent. A caution says when the curve gives no clear answer. Writes
 lr_find.json and lr_find.png; the suggestion feeds `tunewise sweep --grid` as the centre of a grid.
+
+Batches are made as the run makes them (`data.batching` through tunewise.batching: padding-free where the
+model keeps packed examples apart), so the losses on the ramp are those of the run's batches; the choice is
+recorded in lr_find.json's `batching`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
 
 from tunewise import rundir
+from tunewise.batching import BatchingChoice, choose_batching, make_collator
 from tunewise.config import Config
-from tunewise.data import DataCollator, build_datasets, ensure_pad_token
+from tunewise.data import build_datasets, ensure_pad_token
 from tunewise.errors import ConfigError
 from tunewise.model import load_model, load_tokenizer, resolve_hardware
 from tunewise.training.callbacks import RangeRecorder
@@ -54,6 +59,7 @@ class LRFindResult:
     rule: str
     caution: str | None
     note: str = LR_FIND_NOTE
+    batching: dict[str, Any] | None = None  # BatchingChoice.to_dict(): asked for, used, and why they differ
 
     def sweep_override(self) -> str | None:
         """`training.learning_rate=X` for `tunewise train`."""
@@ -146,8 +152,9 @@ def stop_reason(lrs: list[float], losses: list[float]) -> str | None:
     return None
 
 
-def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Trainer:
-    """A Trainer over the tunewise model and data, with the config's batch, precision and optimizer."""
+def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> tuple[Trainer, BatchingChoice]:
+    """A Trainer over the tunewise model and data, with the config's batch, precision, optimizer and
+    batching (chosen as `tunewise train` chooses it), and that batching choice."""
     cfg.training.update(
         max_steps=steps,
         eval_strategy="no",
@@ -164,16 +171,17 @@ def _range_trainer(cfg: Config, out_dir: Path, steps: int) -> Trainer:
     bundle = build_datasets(cfg.data, tokenizer)
     set_seed(int(cfg.training.get("seed", 42)))  # the same initial adapter every time
     model = load_model(cfg, hw, tokenizer, pad_added)
+    choice = choose_batching(model, cfg.data.batching)  # padding_free only where examples stay apart
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out_dir, hw, has_eval=False),
         train_dataset=bundle.to_hf("train"),
-        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=make_collator(choice, tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
-    return trainer
+    return trainer, choice
 
 
 def find_learning_rate(
@@ -196,7 +204,7 @@ def find_learning_rate(
     cfg = copy.deepcopy(cfg)
     out_dir = out_dir or Path(cfg.output_dir) / (f"lr-find-{cfg.name}" if cfg.name else "lr-find")
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = _range_trainer(cfg, out_dir, steps)
+    trainer, choice = _range_trainer(cfg, out_dir, steps)
     trainer.create_optimizer()
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1.0  # LambdaLR multiplies this: the lambda is the learning rate itself
@@ -211,7 +219,19 @@ def find_learning_rate(
     smoothed = smooth(losses)
     minimum, steepest, suggestion, rule, caution = suggest_lr(lrs, smoothed)
     why = recorder.reason or f"reached --end after {len(lrs)} steps"
-    result = LRFindResult(out_dir, lrs, losses, smoothed, why, minimum, steepest, suggestion, rule, caution)
+    result = LRFindResult(
+        out_dir,
+        lrs,
+        losses,
+        smoothed,
+        why,
+        minimum,
+        steepest,
+        suggestion,
+        rule,
+        caution,
+        batching=choice.to_dict(),
+    )
     rundir.write_json(out_dir / "lr_find.json", result.to_dict())
     plot_lr_find(result, out_dir / "lr_find.png")
     return result
