@@ -67,7 +67,24 @@ def test_lr_find_on_the_tiny_model_plots_and_hands_off_a_grid(
     assert 5 <= len(lrs) <= 40 and lrs[0] == pytest.approx(1e-5)
     ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # exponential ramp
-    assert 1e-5 <= data["suggestion"] <= 10
+
+    # The valley rule recomputed by hand from the recorded losses: a bias-corrected EMA (0.9) run forward
+    # then backward up to the first non-finite loss, a tenth of the lr at its minimum, within the ramp and
+    # at most 0.1.
+    def ema(xs: list[float]) -> list[float]:
+        out, avg = [], 0.0
+        for i, x in enumerate(xs, start=1):
+            avg = 0.9 * avg + 0.1 * x
+            out.append(avg / (1 - 0.9**i))
+        return out
+
+    n = next((i for i, x in enumerate(data["losses"]) if not math.isfinite(x)), len(lrs))
+    by_hand = ema(ema(data["losses"][:n])[::-1])[::-1]
+    assert data["smoothed"][:n] == pytest.approx(by_hand, rel=1e-9)
+    valley = lrs[by_hand.index(min(by_hand))]
+    assert data["minimum"] == valley
+    assert data["suggestion"] == pytest.approx(min(max(valley / 10, lrs[0]), lrs[n - 1], 0.1), rel=1e-12)
+
     assert len(data["smoothed"]) == len(data["losses"]) == len(lrs)
     grid = parse_grid([data["sweep_grid"]])["training.learning_rate"]
     assert [float(v) for v in grid] == pytest.approx([data["suggestion"] * m for m in (0.5, 1, 2)], rel=0.05)
