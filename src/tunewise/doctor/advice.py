@@ -328,3 +328,35 @@ def eval_non_finite_advice() -> Advice:
             ),
         ]
     )
+
+
+def frozen_weights_advice(lr: float | None) -> Advice:
+    """Causes and fixes of real losses that repeat epoch after epoch: the weights never change."""
+    zero_lr = lr is not None and lr <= 0
+    return rank_advice(
+        [
+            (
+                3,
+                "no weight is trainable, or the optimizer holds other parameters than the model trains "
+                "(a frozen model, an adapter that is not attached, an optimizer built before the adapter)",
+                Fix(
+                    None,
+                    "print the trainable parameter count (PEFT: `model.print_trainable_parameters()`) and "
+                    "build the optimizer from the final model's parameters with requires_grad",
+                ),
+            ),
+            (
+                1 + (5 if zero_lr else 0),
+                f"the learning rate is {fmt_lr(lr)}"
+                if zero_lr
+                else "the learning rate is 0 (or the scheduler holds it at 0)",
+                Fix("training.learning_rate=2.0e-04", "a typical LoRA rate (2e-5 for full fine-tuning)"),
+            ),
+            (
+                1,
+                "every update is skipped (an fp16 loss scaler that overflows at every step, or a step "
+                "that is never called)",
+                Fix(None, "check that optimizer.step() runs and that the grad norm is finite"),
+            ),
+        ]
+    )

@@ -100,6 +100,12 @@ CODES: dict[str, Code] = {
         "tunewise.doctor.masking",
         "loss exactly 0.0 with no gradient (or never a real loss): no token or weight is trained",
     ),
+    "weights_unchanged": Code(
+        ("error",),
+        "flat",
+        "tunewise.doctor.masking",
+        "each batch's loss repeats the loss one epoch before: the weights are not changing",
+    ),
     "eval_degradation": Code(
         ("error", "warning"),
         "diverged",
@@ -205,7 +211,7 @@ THRESHOLDS: dict[str, tuple[str, ...]] = {
         "FLAT_MIN_POINTS",
         "OSC_SPREAD",
     ),
-    "tunewise.doctor.masking": ("NO_SIGNAL_POINTS", "ZERO_POINTS"),
+    "tunewise.doctor.masking": ("NO_SIGNAL_POINTS", "ZERO_POINTS", "REPEAT_POINTS", "REPEAT_TOLERANCE"),
     "tunewise.doctor.overfitting": (
         "GAP_LIMIT",
         "MEMORIZED_TRAIN",

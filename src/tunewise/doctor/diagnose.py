@@ -290,7 +290,9 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
             f"{ev['last_eval_step']}, while train loss went from {span}."
         )
     untrained = [
-        f for f in findings if f.code in ("no_trainable_tokens", "nothing_trained") and f.severity == "error"
+        f
+        for f in findings
+        if f.code in ("no_trainable_tokens", "nothing_trained", "weights_unchanged") and f.severity == "error"
     ]
     if verdict == "flat" and untrained:
         return f"Nothing to learn: {untrained[0].title} (last logged step {ev.get('last_step')})."

@@ -7,13 +7,18 @@
 - nothing_trained: the loss is logged as exactly 0.0 with a grad norm of exactly 0.0 (or with no grad
   norm from the first log on: no step ever had a loss): nothing is trained. Warning at the first such
   point, error at ZERO_POINTS in a row (or when the run has no other loss).
+- weights_unchanged: each batch's loss equals, within REPEAT_TOLERANCE, the loss logged at the same place
+  of the epoch before, for REPEAT_POINTS points in a row (and the losses are not all one value): the
+  same batches through the same weights. Nothing is being trained, though each loss is real. Only
+  data that is not reshuffled each epoch shows it (custom loops, `shuffle=False`); error at once.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
-from tunewise.doctor.advice import masking_advice, nothing_trained_advice
+from tunewise.doctor.advice import frozen_weights_advice, masking_advice, nothing_trained_advice
 from tunewise.doctor.findings import Finding, Severity, num
 
 if TYPE_CHECKING:
@@ -21,6 +26,8 @@ if TYPE_CHECKING:
 
 NO_SIGNAL_POINTS = 10  # steps in a row with no trained token before "nothing to learn" is an error
 ZERO_POINTS = 3  # logs in a row of loss 0.0 with grad_norm 0.0 before "nothing trained" is an error
+REPEAT_POINTS = 4  # points in a row that repeat the loss one epoch before: the weights are not changing
+REPEAT_TOLERANCE = 1e-5  # relative: a frozen model repeats its losses to the last logged digit
 
 
 class MaskingRules:
@@ -30,6 +37,8 @@ class MaskingRules:
         self.watch = watch
         self.untrained: list[int] = []  # the current run of steps that trained no token
         self.zeros: list[tuple[int, float | None]] = []  # the current run of (step, grad norm) at loss 0.0
+        self.by_place: dict[tuple[int, float], tuple[int, float]] = {}  # (epoch, place in it) -> (step, loss)
+        self.repeats: list[tuple[int, int, float]] = []  # a run of (step, its step an epoch before, loss)
 
     def trained(self, step: int) -> None:
         """A step that trained tokens (or does not say) ends a run of untrained steps."""
@@ -57,6 +66,25 @@ class MaskingRules:
             return [self._zero_finding("warning")]
         if len(self.zeros) == ZERO_POINTS and not self.watch.fired("nothing_trained", "error"):
             return [self._zero_finding("error")]
+        return []
+
+    def check_repeat(self, step: int, loss: float, epoch: float | None) -> list[Finding]:
+        """A finite, non-zero loss: does it repeat the loss at the same place of the epoch before?"""
+        if epoch is None or not math.isfinite(epoch) or loss == 0.0:
+            return []
+        whole = math.floor(epoch + 1e-9)
+        place = round(epoch - whole, 3)
+        self.by_place[(whole, place)] = (step, loss)
+        earlier = self.by_place.get((whole - 1, place))
+        if earlier is None:
+            return []
+        if abs(loss - earlier[1]) > REPEAT_TOLERANCE * abs(earlier[1]):
+            self.repeats = []
+            return []
+        self.repeats.append((step, earlier[0], loss))
+        varied = len({repeated for _, _, repeated in self.repeats}) > 1  # not one value memorized everywhere
+        if len(self.repeats) >= REPEAT_POINTS and varied and not self.watch.fired("weights_unchanged"):
+            return [self._repeat_finding()]
         return []
 
     def finish(self) -> list[Finding]:
@@ -93,6 +121,21 @@ class MaskingRules:
         return Finding(
             last, severity, "nothing_trained", title, evidence, *nothing_trained_advice(self.watch.peak_lr)
         )
+
+    def _repeat_finding(self) -> Finding:
+        (first, first_before, _), (last, last_before, _) = self.repeats[0], self.repeats[-1]
+        title = (
+            f"the loss at steps {first}-{last} repeats, batch for batch, the loss one epoch earlier (steps "
+            f"{first_before}-{last_before}): the same batches meet the same weights, nothing is being trained"
+        )
+        evidence = {
+            "step": last,
+            "repeated_points": len(self.repeats),
+            "pairs": [[s, before, loss] for s, before, loss in self.repeats[:8]],
+            "lr": self.watch.peak_lr,
+        }
+        advice = frozen_weights_advice(self.watch.peak_lr)
+        return Finding(last, "error", "weights_unchanged", title, evidence, *advice)
 
     def _finding(self, severity: Severity) -> Finding:
         first, last, n = self.untrained[0], self.untrained[-1], len(self.untrained)

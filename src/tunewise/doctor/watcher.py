@@ -126,6 +126,7 @@ class CurveWatcher:
         self.divergence.record(step, loss)
         self.overfitting.record(step, loss, epoch)
         new += self.progress.check(step) + self.divergence.check_degradation(step)
+        new += self.masking.check_repeat(step, loss, epoch)
         return new + self.overfitting.check_epoch_drop(step)
 
     def observe_eval(self, step: int, eval_loss: float | None, epoch: float | None) -> list[Finding]:
@@ -178,7 +179,9 @@ class CurveWatcher:
     @property
     def nothing_trained(self) -> bool:
         """No token (or no weight) trained for many steps in a row (or at all), and no falling loss after."""
-        untrained = self.fired("no_trainable_tokens", "error") or self.fired("nothing_trained", "error")
+        untrained = any(self.fired(code, "error") for code in ("no_trainable_tokens", "nothing_trained"))
+        if self.fired("weights_unchanged"):  # real losses, so the loss may have fallen in the first epoch
+            return True
         return untrained and (self.end_change is None or self.flat_at_end)
 
     def trouble_began(self, step: int) -> int:
