@@ -318,6 +318,7 @@ def _finish(trainer: WatchedTrainer, setup: RunSetup, status: str, extra: dict) 
     cfg, run_dir, bundle = setup.cfg, setup.run_dir, setup.prepared.bundle
     state = trainer.state
     out = run_dir / (rundir.FULL_MODEL if cfg.model.method == "full" else rundir.ADAPTER)
+    samples_error = None
     if is_main_process():
         trainer.save_model(str(out))
         trainer.processing_class.save_pretrained(str(out))
@@ -325,8 +326,9 @@ def _finish(trainer: WatchedTrainer, setup: RunSetup, status: str, extra: dict) 
         if status == "completed" and setup.hooks.samples and examples:
             try:
                 write_samples(trainer.model, trainer.processing_class, examples, run_dir / rundir.SAMPLES)
-            except Exception as exc:  # samples are a courtesy: never fail a finished run over them
-                logger.warning("could not write sample generations: %s", exc)
+            except Exception as exc:  # samples are a courtesy: a finished run never fails over them,
+                samples_error = f"{type(exc).__name__}: {exc}"  # but result.json says why there are none
+                logger.warning("could not write sample generations: %s", samples_error)
     window = max(int(cfg.training.get("logging_steps", 10)), 1)
     # The Trainer's definition of the final train loss: the mean over the last logging interval.
     losses = [r["loss"] for r in rundir.train_records(rundir.read_metrics(run_dir))][-window:]
@@ -337,6 +339,7 @@ def _finish(trainer: WatchedTrainer, setup: RunSetup, status: str, extra: dict) 
         "final_eval_loss": evals[-1] if evals else None,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "saved": out.name,
+        **({"samples_error": samples_error} if samples_error else {}),
         **extra,
     }
     return RunResult(run_dir=run_dir, status=status, global_step=state.global_step, numbers=numbers)
