@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import tiny_overrides
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -25,10 +27,13 @@ from trl import SFTConfig, SFTTrainer
 
 import tunewise
 from tunewise import rundir
+from tunewise.cli import main
+from tunewise.config import load_config
 from tunewise.data import DataCollator
 from tunewise.doctor.diagnose import diagnose_path
 from tunewise.doctor.findings import read_findings
 from tunewise.report import write_report
+from tunewise.training.run import train
 from tunewise.training.watch import WatchError
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "smollm2"
@@ -335,6 +340,97 @@ def test_all_labels_masked_is_nothing_to_learn_and_stops_early(tokenizer, tmp_pa
     assert [f.code for f in findings if f.severity == "error"] == ["no_trainable_tokens"]
     assert weights_finite(trainer.model)
     assert diagnose_path(watched.run_dir).verdict == "flat"
+
+
+# ------------------------------------------------------------------ the doctor afterwards: the script's words
+
+
+def doctor_fixes(run_dir: Path, capsys) -> tuple[str, list[str]]:
+    """`tunewise doctor RUN_DIR`'s text and the changes it lists under "fixes (try in this order...)"."""
+    capsys.readouterr()
+    main(["doctor", str(run_dir)])
+    text = capsys.readouterr().out
+    block = text.split("fixes (try in this order", 1)[1].split("checkpoint to keep", 1)[0]
+    changes = [
+        line.split(". ", 1)[1] for line in block.splitlines() if line[:4].strip().rstrip(".").isdigit()
+    ]
+    return text, changes
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_doctor_gives_a_watched_run_its_fixes_as_training_arguments_for_its_precision(
+    precision, tokenizer, tmp_path, capsys
+):
+    # AdamW at lr 1e8: step 2's gradient is NaN while its loss is still step 1's (an overflow), then the stop.
+    half = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    trainer = plain_trainer(
+        Trainer, tokenizer, tmp_path, tokenized(tokenizer), max_steps=6, **half, **ABSURD_ADAM
+    )
+    out = io.StringIO()
+    watched = tunewise.watch(trainer, stream=out)
+    trainer.train()
+    assert watched.status == "diverged"
+    config = yaml.safe_load((watched.run_dir / rundir.CONFIG).read_text())
+    assert config["source"] == "tunewise.watch" and config["model"]["precision"] == precision
+    findings = read_findings(watched.run_dir / rundir.FINDINGS)
+    overflow = next(f for f in findings if f.code == "grad_norm_non_finite")
+    live = [fix.change for fix in overflow.fixes]
+    text, changes = doctor_fixes(watched.run_dir, capsys)
+    assert "as arguments of your training script" in text
+    assert changes[0] == "learning_rate=1.0e+07" and "max_grad_norm=0.3" in changes, changes
+    assert not [c for c in changes if c.startswith(("training.", "model.", "adapter.", "data."))], changes
+    if precision == "fp16":  # the loss scaler's overflow: bf16 is the cure, live and afterwards
+        assert live[0] == "bf16=True" and "bf16=True" in changes, (live, changes)
+        return
+    for said in (live, changes, out.getvalue()):
+        assert "bf16=True" not in said, "bf16 suggested to a run that is bf16 already, or fp32"
+    assert live[0] == "learning_rate=1.0e+07", live  # a real blow-up: no loss scaler skipped it
+    # Under bf16, fp32 for the unstable part; under fp32 no precision change would help.
+    bf16 = precision == "bf16"
+    assert ("bf16=False fp16=False" in live) is bf16 and ("bf16=False fp16=False" in changes) is bf16
+
+
+def test_a_plain_trainer_output_dir_gets_training_arguments_too(tokenizer, tmp_path, capsys):
+    """No tunewise in the loop: the Trainer's own trainer_state.json, read by `tunewise doctor`."""
+    trainer = plain_trainer(
+        Trainer,
+        tokenizer,
+        tmp_path,
+        tokenized(tokenizer),
+        max_steps=12,
+        **CLIMBING_SGD,
+        save_strategy="steps",
+    )
+    trainer.args.save_steps = 12
+    trainer.train()
+    assert (tmp_path / "checkpoint-12" / "trainer_state.json").is_file() and not (
+        tmp_path / "tunewise"
+    ).exists()
+    text, changes = doctor_fixes(tmp_path, capsys)
+    assert "verdict: DIVERGED" in text and changes[0] == "learning_rate=3.0e-01", changes
+    assert not [c for c in changes if c.startswith("training.")], changes
+
+
+def test_a_tunewise_train_run_keeps_tunewise_overrides(tiny_model_dir, small_data, tmp_path, capsys):
+    """The contrast: a run `tunewise train` wrote is fixed in its user's words, tunewise overrides."""
+    extra = {  # Adam at a constant 0.9, full fine-tuning: the loss explodes by step 3 (test_divergence_stop)
+        "model.method": "full",
+        "training.optim": "adamw_torch",
+        "training.learning_rate": 0.9,
+        "training.max_grad_norm": 0,
+        "training.warmup_steps": 0,
+        "training.lr_scheduler_type": "constant",
+        "training.logging_steps": 1,
+        "training.max_steps": 12,
+        "training.eval_steps": 1000,
+        "training.save_steps": 1000,
+        "training.load_best_model_at_end": False,
+    }
+    result = train(load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path, extra)))
+    assert result.status == "diverged"
+    text, changes = doctor_fixes(result.run_dir, capsys)
+    assert "tunewise config overrides" in text
+    assert changes[0] == "training.learning_rate=9.0e-02" and "training.max_grad_norm=0.3" in changes, changes
 
 
 # ----------------------------------------------------------------------------- DDP and the real model

@@ -200,7 +200,8 @@ def _latest_run_name(output_dir: Path) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    diagnosis = diagnose_path(Path(args.path))
+    # Fixes in the run's own words: tunewise overrides for `tunewise train`, a script's arguments otherwise.
+    diagnosis = diagnose_path(Path(args.path)).in_run_words()
     if args.json:
         print(json.dumps(diagnosis.to_dict(), indent=2, default=str))
     else:

@@ -216,37 +216,107 @@ def memory_advice() -> Advice:
     return ["batch or sequence length too large for this device"], []
 
 
-def overflow_advice() -> Advice:
-    """Causes and fixes of a grad norm that is NaN/inf at a step while the loss stays calm."""
-    return rank_advice(
-        [
-            (
-                3,
-                "fp16 overflow: the loss scaler found inf/NaN gradients and skipped the step (harmless once "
-                "or twice; the scaler lowers its scale)",
-                Fix("training.bf16=true", "bf16 has fp32's range and needs no loss scaling, where supported"),
+def bf16_fix(precision: str | None, why: str) -> Fix:
+    """Switch to bf16: tunewise's `model.precision` for a run known to be fp16 (a tunewise run's plan.json
+    says), else the TrainingArguments switch, since a run whose precision is unknown has no tunewise plan."""
+    return Fix("model.precision=bf16" if precision == "fp16" else "training.bf16=true", why)
+
+
+def overflow_advice(
+    precision: str | None, method: str | None, lr: float | None, clip: float | None
+) -> Advice:
+    """Causes and fixes of a grad norm that is NaN/inf at a step while the loss stays calm, for the run's
+    precision (bf16 | fp16 | fp32; None when unknown). Under fp16 it is the loss scaler's overflow and bf16
+    is the cure; under bf16 (fp32's range, no scaler) or fp32 it is a real blow-up: a smaller rate,
+    clipping, and under bf16 fp32 for the part of the model that loses precision."""
+    bad_cause = "a batch with extreme values (a very long or garbage example)"
+    bad_fix = Fix(None, "`tunewise inspect` shows the longest examples; drop garbage rows")
+    if precision in (None, "fp16"):
+        maybe = "" if precision == "fp16" else "if the run is fp16: "
+        return rank_advice(
+            [
+                (
+                    3,
+                    f"{maybe}fp16 overflow: the loss scaler found inf/NaN gradients and skipped the step "
+                    "(harmless once or twice; the scaler lowers its scale)",
+                    bf16_fix(precision, "bf16 has fp32's range and needs no loss scaling, where supported"),
+                ),
+                (2, bad_cause, bad_fix),
+            ]
+        )
+    high = lr is not None and lr > HIGH_LR.get(method, HIGH_LR[None])
+    items = [
+        (
+            3 + (3 if high else 0),
+            f"a gradient too large for the step size: under {precision} no loss scaler skips an overflow, "
+            f"so an inf/NaN gradient is a real blow-up (learning rate {fmt_lr(lr)})",
+            Fix(
+                f"training.learning_rate={fmt_lr(lr / LR_CUT)}" if lr else None,
+                "a tenth of the rate: smaller updates keep the activations in range",
             ),
+        ),
+        (1, bad_cause, bad_fix),
+    ]
+    if not clip or clip > SAFE_MAX_GRAD_NORM:  # tight clipping already: the same change would do nothing
+        items.append(
+            (
+                2 + (2 if not clip else 0),
+                "max_grad_norm is 0 (no clipping)"
+                if clip == 0
+                else f"gradient clipping too loose ({clip})"
+                if clip
+                else "no or loose gradient clipping",
+                Fix(
+                    f"training.max_grad_norm={SAFE_MAX_GRAD_NORM}",
+                    "clip each update: the large finite gradients before an overflow cannot throw weights",
+                ),
+            )
+        )
+    if precision == "bf16":
+        items.append(
             (
                 2,
-                "a batch with extreme values (a very long or garbage example)",
-                Fix(None, "`tunewise inspect` shows the longest examples; drop garbage rows"),
-            ),
-        ]
-    )
+                "bf16 keeps fp32's range but only 8 bits of mantissa: an unstable part (attention scores, a "
+                "norm layer, the loss over a large vocabulary) can round its way to inf",
+                Fix(
+                    "model.precision=fp32",
+                    "train in fp32 to see whether bf16 is the cause (slower, more memory); then keep "
+                    "only the unstable modules in fp32",
+                ),
+            )
+        )
+    return rank_advice(items)
 
 
-def hidden_nan_advice(divergence: Advice) -> Advice:
-    """A NaN the Trainer's logging filter wrote as 0.0: the divergence causes and fixes, then the two that
-    only a hidden NaN has (half-precision overflow, and the filter that hid it)."""
+def hidden_nan_advice(divergence: Advice, precision: str | None = None) -> Advice:
+    """A NaN the Trainer's logging filter wrote as 0.0: the divergence causes and fixes, then the ones that
+    only a hidden NaN has: the filter that hid it, and, for the run's precision, the half-precision cause
+    (an fp16 overflow, cured by bf16; under bf16, its low mantissa, cured by fp32 where it is unstable)."""
     causes, fixes = divergence
+    half: list[tuple[str, Fix]] = []
+    if precision in (None, "fp16"):
+        half = [
+            (
+                "a half-precision (fp16) overflow in the forward pass: some models (T5, Gemma, ...) overflow "
+                "in fp16",
+                bf16_fix(precision, "bf16 has fp32's range, where the hardware supports it"),
+            )
+        ]
+    elif precision == "bf16":
+        half = [
+            (
+                "bf16's 8-bit mantissa in an unstable part of the model (attention scores, a norm layer)",
+                Fix("model.precision=fp32", "train in fp32 to see whether bf16 is the cause (slower)"),
+            )
+        ]
     causes = [
         *causes,
-        "a half-precision (fp16) overflow in the forward pass: some models (T5, Gemma, ...) overflow in fp16",
+        *(cause for cause, _ in half),
         "Trainer's logging_nan_inf_filter logs a NaN loss as 0.0, which hides when it began",
     ]
     fixes = [
         *fixes,
-        Fix("training.bf16=true", "bf16 has fp32's range, where the hardware supports it"),
+        *(fix for _, fix in half),
         Fix("training.logging_nan_inf_filter=false", "log a NaN loss as NaN, not as 0.0"),
     ]
     return causes, fixes

@@ -18,6 +18,7 @@ import yaml
 
 from tunewise import rundir
 from tunewise.doctor import tool_logs
+from tunewise.doctor.findings import run_vocabulary
 from tunewise.errors import DoctorError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ EXPECTED = (
     "or checkpoint-*/trainer_state.json), a trainer_state.json file, a LLaMA-Factory trainer_log.jsonl, "
     "an Axolotl output_dir (checkpoints or a model card with training results) or TensorBoard event files"
 )
+
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -258,9 +261,22 @@ def _read_tensorboard(path: Path) -> Curve:
     return Curve(train, evals, str(path))
 
 
+def run_precision(model: dict[str, Any], training: dict[str, Any], plan: dict[str, Any]) -> str | None:
+    """bf16 | fp16 | fp32, as the run trained: plan.json's resolved hardware precision, else config.yaml's
+    `model.precision` (not "auto"), else its TrainingArguments `bf16`/`fp16` switches; None when unknown."""
+    hardware = plan.get("hardware") if isinstance(plan.get("hardware"), dict) else {}
+    for value in (hardware.get("precision"), model.get("precision")):
+        if value in PRECISIONS:
+            return value
+    if training.get("bf16") is True or training.get("fp16") is True:
+        return "bf16" if training.get("bf16") is True else "fp16"
+    return None
+
+
 def read_context(run_dir: Path) -> dict[str, Any]:
     """Facts for ranking causes and judging the loss: a tunewise run's config.yaml, plan.json and
-    result.json, else LLaMA-Factory's or Axolotl's records, and the model's vocab_size."""
+    result.json, else LLaMA-Factory's or Axolotl's records, and the model's vocab_size; the run's
+    precision, and whose words its fixes are in (`findings.run_vocabulary`)."""
     config_path = run_dir / rundir.CONFIG
     text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else ""
     try:
@@ -297,6 +313,8 @@ def read_context(run_dir: Path) -> dict[str, Any]:
         context["vocab_size"] = plan["vocab_size"]
     status = rundir.read_json_object(run_dir / rundir.RESULT).get("status")
     context["status"] = status if isinstance(status, str) else None
+    context["precision"] = run_precision(model, training, plan)
+    context["vocabulary"] = run_vocabulary(config, plan)
     # Other tools' records fill in what tunewise's own files did not say.
     for key, value in tool_logs.tool_context(run_dir).items():
         if context.get(key) is None:

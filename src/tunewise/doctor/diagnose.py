@@ -10,6 +10,7 @@ Diagnosis.exit_code(): 0 when no finding is worse than info, 1 when the worst is
 any is an error.
 """
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -18,7 +19,17 @@ from typing import Any
 
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
 from tunewise.doctor.curve import Curve, finite, load_curve, read_context
-from tunewise.doctor.findings import SEVERITY_RANK, Advice, Finding, Fix, Severity, fmt_lr, num
+from tunewise.doctor.findings import (
+    SEVERITY_RANK,
+    Advice,
+    Finding,
+    Fix,
+    Severity,
+    Vocabulary,
+    fmt_lr,
+    num,
+    speak_finding,
+)
 from tunewise.doctor.progress import FLAT_BAND
 from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
 
@@ -27,6 +38,9 @@ logger = logging.getLogger(__name__)
 MIN_POINTS = 5  # fewer train points than this are too few to judge (unless the run diverged)
 GRAD_BLIP_POINTS = 2  # a grad-norm spike with no loss spike within this many points is a blip
 SPIKE_UNSTABLE = 3.0  # a loss spike that came back counts as unstable from this many times its median
+# How the fixes heading says whose words they are in.
+FIX_WORDS = {"tunewise": "; tunewise config overrides", "trainer": "; as arguments of your training script"}
+NO_CHANGE = {"tunewise": "(no config change)", "trainer": "(no argument to change)"}
 
 
 @dataclass
@@ -39,6 +53,13 @@ class Diagnosis:
     evidence: dict[str, Any]
     best_checkpoint: str | None
     source: str
+    vocabulary: Vocabulary = "tunewise"  # whose words the run's user applies fixes in (see findings.py)
+
+    def in_run_words(self) -> "Diagnosis":
+        """The same diagnosis with every fix in the run's own vocabulary (a script's TrainingArguments for a
+        watched run or a Trainer output_dir); the findings of this one keep tunewise's overrides."""
+        findings = [speak_finding(f, self.vocabulary) for f in self.findings]
+        return dataclasses.replace(self, findings=findings)
 
     def worst_severity(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=SEVERITY_RANK.__getitem__, default=None)
@@ -58,6 +79,7 @@ class Diagnosis:
             "evidence": self.evidence,
             "best_checkpoint": self.best_checkpoint,
             "source": self.source,
+            "fix_vocabulary": self.vocabulary,
             "worst_severity": self.worst_severity(),
             "exit_code": self.exit_code(),
             "findings": [f.to_dict() for f in self.findings],
@@ -97,6 +119,7 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     context = context or {}
     watcher = CurveWatcher(**{key: context.get(key) for key in WATCHER_KEYS})
     watcher.total_steps = watcher.total_steps or curve.total_steps
+    watcher.divergence.precision = context.get("precision")
     watcher.replay(curve)
     watcher.finish()
     _settle(watcher)
@@ -120,7 +143,8 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
             )
         )
     summary = _summarize(verdict, findings, evidence)
-    return Diagnosis(verdict, summary, findings, evidence, checkpoint, curve.source)
+    vocabulary = context.get("vocabulary") or "tunewise"
+    return Diagnosis(verdict, summary, findings, evidence, checkpoint, curve.source, vocabulary)
 
 
 def _settle(watcher: CurveWatcher) -> None:
@@ -328,7 +352,9 @@ def _paint(text: str, style: str, color: bool) -> str:
 
 
 def render_diagnosis(d: Diagnosis, color: bool = False) -> str:
-    """The text `tunewise doctor` prints: verdict, summary, evidence, findings, causes, fixes, checkpoint."""
+    """The text `tunewise doctor` prints: verdict, summary, evidence, findings, causes, fixes (in the run's
+    own vocabulary), checkpoint."""
+    d = d.in_run_words()
     style = {"healthy": "healthy", "diverged": "error", "insufficient-data": "info"}.get(d.verdict, "warning")
     lines = [
         f"verdict: {_paint(d.verdict.upper(), style, color)}   (exit code {d.exit_code()})",
@@ -351,10 +377,10 @@ def render_diagnosis(d: Diagnosis, color: bool = False) -> str:
     if causes:
         lines += ["", "likely causes (most likely first):"] + [f"  {i}. {c}" for i, c in enumerate(causes, 1)]
     if fixes:
-        lines += ["", "fixes (try in this order):"]
+        lines += ["", f"fixes (try in this order{FIX_WORDS[d.vocabulary]}):"]
         for i, fix in enumerate(fixes, 1):
             lines += [
-                f"  {i}. {_paint(fix.change, 'bold', color) if fix.change else '(no config change)'}",
+                f"  {i}. {_paint(fix.change, 'bold', color) if fix.change else NO_CHANGE[d.vocabulary]}",
                 f"     {fix.why}",
             ]
     keep = _paint(d.best_checkpoint, "bold", color) if d.best_checkpoint else "-"

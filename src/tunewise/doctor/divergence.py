@@ -19,8 +19,9 @@
 - grad_norm_spike (warning): > GRAD_SPIKE_RATIO x the median of the last GRAD_WINDOW calm grad
   norms; over under GRAD_CALM_RATIO x.
 - grad_norm_non_finite (warning): a NaN/inf grad norm while the loss stays calm (within CALM_RATIO of
-  its recent median): an fp16 overflow whose step the scaler skipped. GRAD_NAN_POINTS in a row (or
-  with a loss that is not calm) is non_finite.
+  its recent median): an overflow whose update was skipped (fp16's loss scaler, or tunewise's monitor);
+  its fixes depend on the run's precision (`precision`, set from the run's facts). GRAD_NAN_POINTS in a
+  row (or with a loss that is not calm) is non_finite.
 - A loss logged as exactly 0.0 with no grad norm, right after a loss above ZERO_FROM, is a hidden NaN
   too (no real loss falls from there to 0.0000 in one log): non_finite.
 - loss_degradation (error): without a spike, the median of the last MEDIAN_WINDOW losses climbs above
@@ -74,6 +75,8 @@ class DivergenceRules:
         self._grad_nan: list[int] = []  # the current run of steps with a non-finite grad norm
         self._degraded: list[int] = []  # the current run of points above the degradation line
         self._diff_sum, self._diffs = 0.0, 0  # |step-to-step change| of the calm losses, over the whole run
+        # bf16 | fp16 | fp32 as the run says (None: unknown): the overflow and hidden-NaN fixes depend on it
+        self.precision: str | None = None
 
     @property
     def knows_nothing(self) -> float | None:
@@ -140,7 +143,7 @@ class DivergenceRules:
             "nan_hidden_by_logging_filter": hidden,
             "trainable_tokens": tokens,
         }
-        advice = hidden_nan_advice(self.advice()) if hidden else self.advice()
+        advice = hidden_nan_advice(self.advice(), self.precision) if hidden else self.advice()
         return [Finding(step, "error", "non_finite", title, evidence, *advice)]
 
     def on_grad_non_finite(self, step: int, loss: float, grad_norm: float, lr: float | None) -> list[Finding]:
@@ -159,7 +162,10 @@ class DivergenceRules:
             "whose update was skipped"
         )
         evidence = {"step": step, "grad_norm": grad_norm, "loss": loss, "lr": lr}
-        return [Finding(step, "warning", "grad_norm_non_finite", title, evidence, *overflow_advice())]
+        w = self.watch
+        advice = overflow_advice(self.precision, w.method, w.learning_rate or w.peak_lr, w.max_grad_norm)
+        evidence["precision"] = self.precision
+        return [Finding(step, "warning", "grad_norm_non_finite", title, evidence, *advice)]
 
     def grad_finite(self, step: int) -> None:
         """A finite grad norm ends a run of non-finite ones."""

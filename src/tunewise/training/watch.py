@@ -8,6 +8,8 @@ It runs the same monitor as `tunewise train` (`training.monitor.StepMonitor` fee
 `CurveWatcher`), so it sees every optimizer step, never applies a non-finite update, prints each finding
 once as it happens with fixes spelled as TrainingArguments changes (`learning_rate=2.0e-05`), and writes a
 run directory (default `<args.output_dir>/tunewise/`) that `tunewise doctor` and `tunewise report` read.
+The directory says it was watched (`source: tunewise.watch` in config.yaml, plan.json and result.json),
+so the doctor gives its fixes in the same words afterwards (one mapping: `tunewise.doctor.findings`).
 
 How it attaches. The trainer is already built, so watch cannot give it another class; it changes the one
 instance instead, by assigning attributes that shadow the class's methods (whatever the class is: Trainer,
@@ -49,7 +51,7 @@ from transformers import Trainer, TrainerCallback
 
 from tunewise import rundir
 from tunewise.doctor.advice import recovery_fixes
-from tunewise.doctor.findings import Finding, Fix, append_findings
+from tunewise.doctor.findings import WATCH_SOURCE, Finding, append_findings, speak_fix
 from tunewise.doctor.watcher import CurveWatcher
 from tunewise.training.callbacks import LearningRateReset
 from tunewise.training.monitor import StepMonitor, StepRecord
@@ -66,24 +68,6 @@ ALWAYS_RECORDED = frozenset(
     "learning_rate max_grad_norm warmup_steps max_steps num_train_epochs per_device_train_batch_size "
     "gradient_accumulation_steps lr_scheduler_type optim".split()
 )
-# tunewise's own settings as a Trainer script spells them; training.<field> is TrainingArguments' <field>.
-SCRIPT_NAMES = {
-    "adapter.r": "LoraConfig(r={})",
-    "adapter.alpha": "LoraConfig(lora_alpha={})",
-    "adapter.dropout": "LoraConfig(lora_dropout={})",
-}
-SCRIPT_FIXES = {  # tunewise data settings that a Trainer script has no name for, as advice
-    "data.train_on": Fix(
-        None,
-        "every label is -100: check how the data collator builds `labels` (with TRL: "
-        "`completion_only_loss`, `assistant_only_loss` and the chat template)",
-    ),
-    "data.too_long": Fix(
-        None,
-        "the prompt fills the sequence: raise `max_length` (SFTConfig) or drop "
-        "the examples whose response does not fit",
-    ),
-}
 
 
 class WatchError(TypeError):
@@ -136,22 +120,10 @@ def watch(
     return TrainerWatch(trainer, run_dir, on_divergence, max_recoveries, stream or sys.stderr)
 
 
-def script_fix(fix: Fix) -> Fix:
-    """A doctor's fix in a Trainer script's words: `training.learning_rate=1e-05` -> `learning_rate=1e-05`."""
-    if not fix.change or "=" not in fix.change:
-        return fix
-    name, value = fix.change.split("=", 1)
-    if name.startswith("training."):
-        value = {"true": "True", "false": "False"}.get(value, value)  # Python, not YAML
-        return Fix(f"{name.removeprefix('training.')}={value}", fix.why)
-    if name in SCRIPT_NAMES:
-        return Fix(SCRIPT_NAMES[name].format(value), fix.why)
-    return SCRIPT_FIXES.get(name, fix)
-
-
-def script_finding(finding: Finding) -> Finding:
-    """The finding with every fix in a Trainer script's words."""
-    finding.fixes = [script_fix(f) for f in finding.fixes]
+def speak_in_place(finding: Finding) -> Finding:
+    """The monitor's rewrite hook: the finding's fixes in a Trainer script's words (`findings.speak_fix`).
+    In place, so that the monitor's `divergence` and the printed and written findings all say the same."""
+    finding.fixes = [speak_fix(f, "trainer") for f in finding.fixes]
     return finding
 
 
@@ -203,12 +175,17 @@ def _arguments(args: TrainingArguments) -> dict[str, Any]:
     return out
 
 
+def _precision(args: TrainingArguments) -> str:
+    """bf16 | fp16 | fp32: the mixed precision the Trainer trains in."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
 def _plan(
     args: TrainingArguments, method: str, warmup: int, total: int, per_epoch: int | None, memory: int
 ) -> dict[str, Any]:
     """plan.json of a watched run: the steps and hardware the Trainer chose, in `tunewise plan`'s keys."""
     return {
-        "source": "tunewise.watch",
+        "source": WATCH_SOURCE,
         "method": method,
         "learning_rate": args.learning_rate,
         "warmup_steps": warmup,
@@ -220,7 +197,7 @@ def _plan(
         },
         "hardware": {
             "device": str(args.device),
-            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "precision": _precision(args),
             "optim": _plain(args.optim),
             "memory_bytes": memory,
             "processes": args.world_size,
@@ -275,7 +252,7 @@ class TrainerWatch(TrainerCallback):
             on_finding=self._print,
             memory_limit=_device_memory(self.trainer.args),
             is_main=self.is_main,
-            rewrite=script_finding,
+            rewrite=speak_in_place,
         )
         self.trainer.add_callback(monitor)
         return monitor
@@ -308,11 +285,16 @@ class TrainerWatch(TrainerCallback):
             total_steps=total,
             steps_per_epoch=per_epoch,
         )
+        self.monitor.watcher.divergence.precision = _precision(args)  # the overflow fixes depend on it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config = {
-                "source": "tunewise.watch",
-                "model": {"name": getattr(self.trainer.model, "name_or_path", None), "method": method},
+                "source": WATCH_SOURCE,
+                "model": {
+                    "name": getattr(self.trainer.model, "name_or_path", None),
+                    "method": method,
+                    "precision": _precision(args),
+                },
                 "training": _arguments(args),
                 "doctor": {"on_divergence": self.on_divergence, "max_recoveries": self.max_recoveries},
             }
@@ -392,7 +374,7 @@ class TrainerWatch(TrainerCallback):
             )
             return None
         fixes = recovery_fixes(args.learning_rate, args.max_grad_norm)
-        fix = script_fix(fixes[min(attempt, len(fixes) - 1)])
+        fix = speak_fix(fixes[min(attempt, len(fixes) - 1)], "trainer")
         if self.is_main:
             drop_checkpoints_after(Path(args.output_dir), good)  # never resume from weights that diverged
         _apply(args, fix.change)
@@ -429,7 +411,7 @@ class TrainerWatch(TrainerCallback):
         losses = [r["loss"] for r in rundir.train_records(rundir.read_metrics(self.run_dir))][-window:]
         evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
         numbers = {
-            "source": "tunewise.watch",
+            "source": WATCH_SOURCE,
             "final_train_loss": sum(losses) / len(losses) if losses else None,
             "best_eval_loss": min(evals) if evals else None,
             "best_checkpoint": Path(state.best_model_checkpoint).name
