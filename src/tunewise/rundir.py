@@ -219,10 +219,14 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def resumable(run_dir: Path, before: int | None = None) -> tuple[Path | None, list[str]]:
+def resumable(
+    run_dir: Path, before: int | None = None, foreign: bool = False
+) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint (of a step below `before`, when given), and why newer ones were not.
 
     The one place that chooses a checkpoint to restart from: `--resume`, a recovery, a sweep's rerun.
+    `foreign`: the checkpoints are a plain Trainer's (`tunewise.watch`), which writes no manifest: one
+    without a manifest counts when its trainer_state.json (which the Trainer writes last) is there.
 
     Returns:
         (checkpoint or None, skipped lines like "checkpoint-12 skipped: optimizer.pt is missing").
@@ -235,6 +239,8 @@ def resumable(run_dir: Path, before: int | None = None) -> tuple[Path | None, li
         if before is not None and step >= before:
             continue
         reason = checkpoint_problem(path)
+        if foreign and not (path / MANIFEST).exists():
+            reason = None if (path / "trainer_state.json").is_file() else "it has no trainer_state.json"
         if reason is None:
             return path, skipped
         skipped.append(f"{path.name} skipped: {reason}")

@@ -198,3 +198,16 @@ def test_checkpoints_of_a_real_run_are_complete_and_retention_holds(tiny_model_d
     best = result.numbers["best_checkpoint"]
     assert best and (run_dir / best).is_dir()  # the best one is never pruned
     assert not (run_dir / STAGING).exists()
+
+
+def test_a_watched_trainers_checkpoints_count_without_a_manifest(tmp_path):
+    """tunewise.watch recovers from a plain Trainer's checkpoints: trainer_state.json makes one count."""
+    for step in (2, 4):
+        _checkpoint(tmp_path, step, manifest=False)
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # a Trainer killed before it wrote it
+    assert resumable(tmp_path)[0] is None  # a tunewise run takes only what its manifest vouches for
+    assert resumable(tmp_path, foreign=True) == (
+        tmp_path / "checkpoint-2",
+        ["checkpoint-4 skipped: it has no trainer_state.json"],
+    )
+    assert restart_checkpoint(tmp_path, trouble_began=9, foreign=True) == tmp_path / "checkpoint-2"

@@ -69,13 +69,13 @@ def next_fix(cfg: Config, attempt: int) -> Fix:
     return order[min(attempt, len(order) - 1)]
 
 
-def restart_checkpoint(run_dir: Path, trouble_began: int) -> Path | None:
+def restart_checkpoint(run_dir: Path, trouble_began: int, foreign: bool = False) -> Path | None:
     """The newest checkpoint from before the climb that ended in the divergence.
 
     Checkpoint N holds the weights that gave step N+1's loss, so it must come before step
     `trouble_began` - 1.
     """
-    return rundir.resumable(run_dir, before=trouble_began - 1)[0]
+    return rundir.resumable(run_dir, before=trouble_began - 1, foreign=foreign)[0]
 
 
 def drop_checkpoints_after(run_dir: Path, good: Path | None) -> None:

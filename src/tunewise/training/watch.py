@@ -366,7 +366,7 @@ class TrainerWatch(TrainerCallback):
     def _recover(self, attempt: int) -> Path | None:
         """Roll back to the last checkpoint before the climb and apply the next fix (None: no checkpoint)."""
         args, monitor = self.trainer.args, self.monitor
-        good = restart_checkpoint(Path(args.output_dir), monitor.trouble_began)
+        good = restart_checkpoint(Path(args.output_dir), monitor.trouble_began, foreign=True)
         if good is None:
             self._say(
                 f"[tunewise] cannot recover: no checkpoint was saved before step {monitor.trouble_began}"
