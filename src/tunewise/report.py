@@ -78,7 +78,7 @@ def read_run(path: Path) -> RunFiles:
     d, missing = run.out_dir, run.missing
     try:
         run.curve = load_curve(path)
-        run.diagnosis = diagnose_path(path)
+        run.diagnosis = diagnose_path(path).in_run_words()  # a watched script's fixes in its own words
     except DoctorError as exc:
         missing.append(f"no diagnosis: {exc}")
     if (d / rundir.CONFIG).is_file():

@@ -379,8 +379,9 @@ def oscillation_advice(method: str | None, lr: float | None, clip: float | None)
     )
 
 
-def eval_non_finite_advice() -> Advice:
+def eval_non_finite_advice(precision: str | None = None) -> Advice:
     """Causes and fixes of a NaN/inf eval loss while the training loss is finite."""
+    half = "or use bf16" if precision != "bf16" else "not in half precision"
     return rank_advice(
         [
             (
@@ -394,7 +395,7 @@ def eval_non_finite_advice() -> Advice:
             (
                 2,
                 "fp16 overflow during evaluation (half-precision eval)",
-                Fix("training.fp16_full_eval=false", "evaluate in the training precision, or use bf16"),
+                Fix("training.fp16_full_eval=false", f"evaluate in the training precision, {half}"),
             ),
         ]
     )

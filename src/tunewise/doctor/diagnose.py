@@ -119,7 +119,6 @@ def diagnose_curve(curve: Curve, context: dict[str, Any] | None = None) -> Diagn
     context = context or {}
     watcher = CurveWatcher(**{key: context.get(key) for key in WATCHER_KEYS})
     watcher.total_steps = watcher.total_steps or curve.total_steps
-    watcher.divergence.precision = context.get("precision")
     watcher.replay(curve)
     watcher.finish()
     _settle(watcher)

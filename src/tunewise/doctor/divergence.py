@@ -20,8 +20,8 @@
   norms; over under GRAD_CALM_RATIO x.
 - grad_norm_non_finite (warning): a NaN/inf grad norm while the loss stays calm (within CALM_RATIO of
   its recent median): an overflow whose update was skipped (fp16's loss scaler, or tunewise's monitor);
-  its fixes depend on the run's precision (`precision`, set from the run's facts). GRAD_NAN_POINTS in a
-  row (or with a loss that is not calm) is non_finite.
+  its fixes depend on the run's precision (the watcher's `precision`, from the run's facts).
+  GRAD_NAN_POINTS in a row (or with a loss that is not calm) is non_finite.
 - A loss logged as exactly 0.0 with no grad norm, right after a loss above ZERO_FROM, is a hidden NaN
   too (no real loss falls from there to 0.0000 in one log): non_finite.
 - loss_degradation (error): without a spike, the median of the last MEDIAN_WINDOW losses climbs above
@@ -75,8 +75,6 @@ class DivergenceRules:
         self._grad_nan: list[int] = []  # the current run of steps with a non-finite grad norm
         self._degraded: list[int] = []  # the current run of points above the degradation line
         self._diff_sum, self._diffs = 0.0, 0  # |step-to-step change| of the calm losses, over the whole run
-        # bf16 | fp16 | fp32 as the run says (None: unknown): the overflow and hidden-NaN fixes depend on it
-        self.precision: str | None = None
 
     @property
     def knows_nothing(self) -> float | None:
@@ -143,7 +141,7 @@ class DivergenceRules:
             "nan_hidden_by_logging_filter": hidden,
             "trainable_tokens": tokens,
         }
-        advice = hidden_nan_advice(self.advice(), self.precision) if hidden else self.advice()
+        advice = hidden_nan_advice(self.advice(), self.watch.precision) if hidden else self.advice()
         return [Finding(step, "error", "non_finite", title, evidence, *advice)]
 
     def on_grad_non_finite(self, step: int, loss: float, grad_norm: float, lr: float | None) -> list[Finding]:
@@ -163,8 +161,8 @@ class DivergenceRules:
         )
         evidence = {"step": step, "grad_norm": grad_norm, "loss": loss, "lr": lr}
         w = self.watch
-        advice = overflow_advice(self.precision, w.method, w.learning_rate or w.peak_lr, w.max_grad_norm)
-        evidence["precision"] = self.precision
+        advice = overflow_advice(w.precision, w.method, w.learning_rate or w.peak_lr, w.max_grad_norm)
+        evidence["precision"] = w.precision
         return [Finding(step, "warning", "grad_norm_non_finite", title, evidence, *advice)]
 
     def grad_finite(self, step: int) -> None:

@@ -121,7 +121,8 @@ class OverfittingRules:
             + ": the evaluation says nothing about overfitting"
         )
         evidence = {"step": step, "eval_loss": eval_loss, "train_loss": last[1] if last else None}
-        return [Finding(step, "warning", "eval_non_finite", title, evidence, *eval_non_finite_advice())]
+        advice = eval_non_finite_advice(self.watch.precision)
+        return [Finding(step, "warning", "eval_non_finite", title, evidence, *advice)]
 
     def finish(self) -> list[Finding]:
         """eval_rising: the run ended worse on held-out data than at its best, not learning the train set."""

@@ -37,6 +37,7 @@ WATCHER_KEYS = (
     "total_steps",
     "steps_per_epoch",
     "vocab_size",
+    "precision",
 )
 
 
@@ -52,11 +53,13 @@ class CurveWatcher:
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,
         vocab_size: int | None = None,
+        precision: str | None = None,
     ):
         self.method = method.lower() if method else None
         self.learning_rate, self.max_grad_norm, self.warmup_steps = learning_rate, max_grad_norm, warmup_steps
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.vocab_size = vocab_size  # ln(vocab_size) is the loss of a model that knows nothing
+        self.precision = precision  # bf16 | fp16 | fp32 (None: unknown): the overflow fixes depend on it
         self.findings: list[Finding] = []
         self.open_episodes: dict[str, int] = {}  # code -> step it began
         self.recovered: list[tuple[str, int, int]] = []  # (code, began, ended)

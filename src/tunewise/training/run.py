@@ -310,6 +310,7 @@ def _watcher(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         vocab_size=vocab_size,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",  # the overflow fixes depend on it
     )
 
 

@@ -284,8 +284,8 @@ class TrainerWatch(TrainerCallback):
             warmup_steps=warmup,
             total_steps=total,
             steps_per_epoch=per_epoch,
+            precision=_precision(args),  # the overflow fixes depend on it
         )
-        self.monitor.watcher.divergence.precision = _precision(args)  # the overflow fixes depend on it
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config = {
