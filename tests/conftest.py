@@ -58,7 +58,8 @@ def make_tiny_model(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     training = Path(__file__).parent / "training"
     for item in items:
-        if "tiny_model_dir" in getattr(item, "fixturenames", ()) or training in Path(item.path).parents:
+        uses_model = {"tiny_model_dir", "narrow_model_dir"} & set(getattr(item, "fixturenames", ()))
+        if uses_model or training in Path(item.path).parents:
             item.add_marker(pytest.mark.model)
 
 

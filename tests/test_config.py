@@ -165,3 +165,15 @@ def test_help_explains_every_command():
             [sys.executable, "-m", "tunewise.cli", command, "--help"], capture_output=True, text=True
         )
         assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 3, command
+
+
+def test_a_moved_training_key_reports_its_problem_where_the_user_wrote_it(tmp_path):
+    """training.max_seq_length is data.max_seq_length now; a bad value is shown at the override or line."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.max_seq_length="])
+    assert err.value.problems == ["override `training.max_seq_length=` is None; expected an integer"]
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-4\n  max_seq_length: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [])
+    assert err.value.problems == [f"{path}:3: `data.max_seq_length` is 3; must be >= 8 tokens"]

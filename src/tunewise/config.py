@@ -591,6 +591,11 @@ def build_config(
     moved: dict[str, Any] = {}
     training = _build_training(data.get("training"), problems, notices, moved)
     raw_data = dict(data.get("data") or {}) if isinstance(data.get("data") or {}, dict) else data.get("data")
+    for old_key, dotted in MOVED_TRAINING_KEYS.items():  # problems shown where the key was written
+        new_path, old_path = tuple(dotted.split(".")), ("training", old_key)
+        for where in (problems.lines, problems.overrides):
+            if old_path in where and new_path not in where:
+                where[new_path] = where[old_path]
     for dotted, value in moved.items():
         if isinstance(raw_data, dict):
             raw_data.setdefault(dotted.split(".")[1], value)
