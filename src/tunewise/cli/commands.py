@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import webbrowser
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewise import rundir
-from tunewise.cli.printers import Printer, console, fmt, say
+from tunewise.cli.printers import Printer, console, err_console, fmt, say
 from tunewise.config import Config, load_config, starter_config_text
 from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
 from tunewise.errors import ConfigError
@@ -49,7 +48,46 @@ def option(*flags: str, **kwargs: Any) -> Option:
     return Option(flags, kwargs)
 
 
-# The train verb's flags; the `--nproc` relaunch rebuilds each process's command line from them.
+# Where the processes of a run are and how they find each other: torchrun's settings, never passed on to
+# the processes it starts (each one is one process of the run).
+LAUNCH_OPTIONS = (
+    option(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes on this machine (DDP through torchrun; gloo on CPU)",
+    ),
+    option(
+        "--nnodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="machines in the run; run the same command on each (with the same name=...)",
+    ),
+    option(
+        "--node-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="this machine's rank, 0..N-1 (node 0 hosts the rendezvous at --master-addr)",
+    ),
+    option(
+        "--master-addr", default=None, metavar="HOST", help="address of node 0, reachable from every node"
+    ),
+    option(
+        "--master-port", type=int, default=None, metavar="PORT", help="a free port on node 0 (default 29500)"
+    ),
+    option(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="torchrun's rendezvous form (c10d) instead of --node-rank/--master-*: ranks are given as "
+        "machines join",
+    ),
+)
+LAUNCH_DESTS = frozenset(opt.dest for opt in LAUNCH_OPTIONS)
+# The train verb's flags; the relaunch rebuilds each process's command line from them.
 TRAIN_OPTIONS = (
     option(
         "--resume",
@@ -58,9 +96,6 @@ TRAIN_OPTIONS = (
         "from its latest checkpoint: optimizer, scheduler and data position restored",
     ),
     option("--force", action="store_true", help="train even when the pre-flight check FAILs"),
-    option(
-        "--nproc", type=int, default=1, help="data-parallel processes (DDP through torchrun; gloo on CPU)"
-    ),
     option("--quiet", action="store_true", help="no progress output"),
     option(
         "--stop-at-step",
@@ -70,6 +105,7 @@ TRAIN_OPTIONS = (
         help="pause after step N is evaluated and checkpointed (status stopped); --resume goes on",
     ),
     option("--no-samples", action="store_true", help="skip the sample generations (samples.json)"),
+    *LAUNCH_OPTIONS,
 )
 
 
@@ -120,15 +156,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunewise.training.distributed import is_main_process
     from tunewise.training.run import TrainHooks, train
 
+    launch = launch_settings(args)  # the flags' mistakes first, before anything loads
     cfg = load_config(args.config, args.overrides)
-    child = bool(os.environ.get("TUNEWISE_CHILD"))  # a process torchrun started for `--nproc`
+    child = bool(os.environ.get(CHILD_ENV))  # a process torchrun started for the relaunch
     if args.resume and not cfg.name:
         cfg.name = _latest_run_name(Path(cfg.output_dir))
-    if args.nproc and args.nproc > 1 and not child:
+    if launch.needed and not child:
         return _launch_distributed(args, cfg)
-    check = None
+    check = _inherited_check() if child else None
     if not child:
         report = run_check(cfg)
+        _refuse_sharding(cfg, report.plan, launch)
         out.check(report, brief=True)
         check = report.to_dict()
         if report.failed and not args.force:
@@ -149,17 +187,185 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     try:
         result = train(cfg, resume=args.resume, hooks=hooks, force=args.force, check=check)
+    except Exception as exc:
+        if not child:
+            raise
+        return _rank_failed(exc, args.debug)  # the launcher names this rank and its message
     finally:
         progress.end()
-    if not is_main_process():
-        return 0
+    if child or not is_main_process():
+        return 0  # a run that ended but did not complete is the launcher's to report (result.json)
     out.result(result)
     return 0 if result.status == "completed" else 1
 
 
+# ----------------------------------------------------------------------------- the torchrun relaunch
+
+# Set in each process torchrun starts: it trains; the launcher checks and reports.
+CHILD_ENV = "TUNEWISE_CHILD"
+CHECK_ENV = "TUNEWISE_CHECK_FILE"  # the launcher's check (for check.json), handed to the processes
+DEFAULT_MASTER_PORT = 29500  # torchrun's
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the processes of a run are: torchrun's settings, validated."""
+
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        """Every process of every node: what the plan, the check and the monitor divide by."""
+        return self.nproc * self.nnodes
+
+    @property
+    def needed(self) -> bool:
+        """More than one process, or a rendezvous named: the run goes through torchrun."""
+        return self.world_size > 1 or bool(self.master_addr or self.master_port or self.rdzv_endpoint)
+
+    def torchrun_args(self, run_id: str) -> list[str]:
+        """torchrun's own arguments (before the command it runs)."""
+        base = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}", "--max-restarts=0"]
+        if self.rdzv_endpoint:
+            return [
+                *base,
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                f"--rdzv-id={run_id}",
+            ]
+        if self.master_addr or self.master_port:
+            port = self.master_port or DEFAULT_MASTER_PORT
+            host = self.master_addr or "127.0.0.1"
+            return [*base, f"--node-rank={self.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+        return ["--standalone", *base]
+
+
+def launch_settings(args: argparse.Namespace) -> Launch:
+    """The launch flags of a `train` line, checked together.
+
+    Raises:
+        ConfigError: every mistake, each with its fix (a node rank past the nodes, a rank without the
+            nodes, a bad port, a multi-node run without a rendezvous address, ...).
+    """
+    problems = [*_count_problems(args), *_rendezvous_problems(args)]
+    if problems:
+        raise ConfigError(problems)
+    return Launch(
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank or 0,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
+
+
+def _count_problems(args: argparse.Namespace) -> list[str]:
+    """--nproc, --nnodes and --node-rank: positive counts, a rank inside the nodes."""
+    problems = []
+    if args.nproc < 1:
+        problems.append(
+            f"--nproc is {args.nproc}: the processes on this machine, at least 1 (e.g. --nproc 2)"
+        )
+    if args.nnodes < 1:
+        problems.append(f"--nnodes is {args.nnodes}: the machines in the run, at least 1 (e.g. --nnodes 2)")
+    rank = args.node_rank
+    if rank is not None and args.nnodes == 1 and rank != 0:
+        problems.append(
+            f"--node-rank {rank} without --nnodes: say how many machines take part, e.g. "
+            f"--nnodes {rank + 1} --node-rank {rank}"
+        )
+    elif rank is not None and not 0 <= rank < args.nnodes:
+        problems.append(
+            f"--node-rank is {rank} but --nnodes is {args.nnodes}: node ranks run from 0 to "
+            f"{args.nnodes - 1} (0 on the machine at --master-addr)"
+        )
+    return problems
+
+
+def _rendezvous_problems(args: argparse.Namespace) -> list[str]:
+    """How the machines find each other: one form, a real port, a node rank on each machine."""
+    problems = []
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        problems.append(f"--master-port is {args.master_port}: a TCP port is 1..65535 (e.g. 29500)")
+    if args.rdzv_endpoint is not None:
+        problems += _endpoint_problems(args.rdzv_endpoint)
+        if args.master_addr or args.master_port:
+            problems.append(
+                "--rdzv-endpoint and --master-addr/--master-port are two ways to meet: keep one "
+                "(--rdzv-endpoint HOST:PORT, or --master-addr HOST --master-port PORT --node-rank R)"
+            )
+    elif args.nnodes > 1 and not args.master_addr:
+        problems.append(
+            f"--nnodes {args.nnodes} needs the rendezvous: --master-addr HOST (node 0's address, reachable "
+            "from every node) with --master-port PORT and --node-rank R, or --rdzv-endpoint HOST:PORT"
+        )
+    elif args.nnodes > 1 and args.node_rank is None:
+        problems.append(
+            f"--nnodes {args.nnodes} with --master-addr needs this machine's --node-rank: 0 on "
+            f"{args.master_addr}, 1..{args.nnodes - 1} on the others (on SLURM: --node-rank $SLURM_NODEID)"
+        )
+    if args.nnodes > 1 and not _named(args):
+        problems.append(
+            "a run over several machines needs its name on the command line, the same on every machine "
+            "(e.g. name=run-$SLURM_JOB_ID): each machine would otherwise pick its own"
+        )
+    return problems
+
+
+def _endpoint_problems(endpoint: str) -> list[str]:
+    """HOST:PORT with a port in range."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return [f"--rdzv-endpoint is {endpoint!r}: write HOST:PORT with a port 1..65535 (e.g. node0:29400)"]
+    return []
+
+
+def _named(args: argparse.Namespace) -> bool:
+    """The run's name is given on the line (an override) or in the config file."""
+    if any(word.split("=", 1)[0] == "name" for word in args.overrides):
+        return True
+    return bool(args.config) and bool(load_config(args.config, []).name)
+
+
+def _refuse_sharding(cfg: Config, plan: dict[str, Any], launch: Launch) -> None:
+    """FSDP and DeepSpeed where they cannot shard: an error before any process starts, not a silent DDP run.
+
+    accelerate turns FSDP on only for GPU-like devices: on the CPU the Trainer would quietly train plain
+    DDP with every weight on every process; and either needs more than one process to shard over.
+
+    Raises:
+        ConfigError: `training.fsdp` or `training.deepspeed` set for a run that cannot shard.
+    """
+    import importlib.util
+
+    device = (plan.get("hardware") or {}).get("device", "cpu")
+    problems = []
+    for key in ("fsdp", "deepspeed"):
+        if not cfg.training.get(key):
+            continue
+        if device != "cuda":
+            problems.append(
+                f"training.{key}: sharding needs GPUs (accelerate enables {key} only on them); this run "
+                f"is on {device}, where it would quietly train unsharded: remove training.{key} to train "
+                "with DDP (--nproc N: every process holds the whole model), or run on GPUs"
+            )
+        elif launch.world_size < 2:
+            problems.append(f"training.{key}: shards over processes; launch with --nproc N (and --nnodes)")
+    if cfg.training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append("training.deepspeed: the deepspeed package is not installed (pip install deepspeed)")
+    if problems:
+        raise ConfigError(problems)
+
+
 def relaunch_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
     """The `train` command line each torchrun process runs, built from the parsed arguments: the config,
-    the overrides, the run's name and output directory, then every flag set (but `--nproc`).
+    the overrides, the run's name and output directory, then every flag set but the launch flags.
 
     Args:
         args: the parsed `train` arguments.
@@ -170,24 +376,122 @@ def relaunch_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
     argv += [f"name={cfg.name}", f"output_dir={cfg.output_dir}"]
     for opt in TRAIN_OPTIONS:
         value = getattr(args, opt.dest)
-        if opt.dest != "nproc" and value != opt.default:
+        if opt.dest not in LAUNCH_DESTS and value != opt.default:
             argv += [opt.flags[0]] if opt.is_switch else [opt.flags[0], str(value)]
     return argv
 
 
 def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
-    """Re-run this train command under torchrun with N data-parallel processes (gloo on the CPU)."""
-    run_dir = rundir.make_run_dir(cfg)
-    argv = relaunch_argv(args, cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    cmd += ["-m", "tunewise.cli", *argv]
-    say(f"launching {args.nproc} processes: {' '.join(cmd[2:])}")
-    env = dict(os.environ, TUNEWISE_CHILD="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    rc = subprocess.call(cmd, env=env)
+    """Check this machine with the run's real world size, then re-run this train command under torchrun
+    (gloo on the CPU); a failed rank becomes one line that names it."""
+    import tempfile
+
+    from tunewise.check import run_check
+
+    launch = launch_settings(args)
+    report = run_check(cfg, processes=launch.world_size)
+    _refuse_sharding(cfg, report.plan, launch)
+    out.check(report, brief=True)
+    run_dir = rundir.make_run_dir(cfg)  # the run's name, chosen once for every process
+    if report.failed and not args.force:
+        say(
+            "refusing to train: the check has FAIL items (fix them, or pass --force to train anyway)",
+            style="bold red",
+        )
+        return 1
+    cmd = [*launch.torchrun_args(cfg.name or run_dir.name), "-m", "tunewise.cli", *relaunch_argv(args, cfg)]
+    where = (
+        f" on node {launch.node_rank} of {launch.nnodes}"
+        if launch.nnodes > 1 and not launch.rdzv_endpoint
+        else ""
+    )
+    say(f"launching {launch.nproc} process(es){where}, {launch.world_size} in all: torchrun {' '.join(cmd)}")
+    with tempfile.TemporaryDirectory(prefix="tunewise-launch-") as tmp:
+        check_file = Path(tmp) / rundir.CHECK
+        rundir.write_json(check_file, report.to_dict())
+        env = {
+            CHILD_ENV: "1",
+            CHECK_ENV: str(check_file),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
+        failure = _torchrun(cmd, env)
+    if failure:
+        err_console.print(f"error: {failure}", markup=False, highlight=False)
+        return 1
     result = rundir.read_json_object(run_dir / rundir.RESULT)
-    if result:
-        say(f"run {run_dir}: {result['status']} at step {result['global_step']}")
-    return rc
+    if not result:  # another machine's node 0 wrote it, on a disk this one does not share
+        say(f"node {launch.node_rank}: every process of this machine finished")
+        return 0
+    say(f"run {run_dir}: {result['status']} at step {result['global_step']}")
+    if result.get("error"):
+        say(str(result["error"]))
+    return 0 if result["status"] == "completed" else 1
+
+
+def _torchrun(cmd: list[str], env: dict[str, str]) -> str | None:
+    """Run torchrun in this process with `env` added for its processes; None, or what the failed rank said."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_parse_args
+    from torch.distributed.run import run as torchrun_run
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its traceback wall
+    try:
+        torchrun_run(torchrun_parse_args(cmd))
+    except ChildFailedError as exc:
+        return rank_failure(exc)
+    except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: torchrun has stopped the processes
+        return f"the launcher received {exc.sigval.name}; its processes were stopped (resume with --resume)"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return None
+
+
+def rank_failure(exc: Any) -> str:
+    """One sentence for torch elastic's ChildFailedError: the first rank that failed, and its message."""
+    rank, first = exc.get_first_failure()
+    message = first.message.get("message", "") if isinstance(first.message, dict) else str(first.message)
+    if first.error_file_data.get("errorTraits") or not message:  # no error file: nothing but the exit code
+        message = f"exit code {first.exitcode}; its output above says why"
+    text = f"rank {rank} failed: {message}"
+    if PEER_LOST in message:
+        text += " (a process on another machine stopped first: its launcher names the rank that failed)"
+    others = sorted(r for r in exc.failures if r != rank)
+    if others:
+        text += f"; rank(s) {', '.join(map(str, others))} stopped with it"
+    return text
+
+
+PEER_LOST = "Connection closed by peer"  # gloo's words when the process at the other end has gone
+
+
+def _rank_failed(exc: Exception, debug: bool) -> int:
+    """In a process torchrun started: write the error where torchrun reads it, for the launcher's one line."""
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    message = f"{type(exc).__name__}: {exc}"
+    if path:
+        Path(path).write_text(
+            json.dumps({"message": message, "timestamp": int(time.time())}), encoding="utf-8"
+        )
+    if debug or not path:
+        raise exc
+    return 1
+
+
+def _inherited_check() -> dict | None:
+    """The check the launcher ran with the run's real world size (for check.json), if it handed one."""
+    path = os.environ.get(CHECK_ENV)
+    return (rundir.read_json_object(Path(path)) or None) if path else None
 
 
 def _latest_run_name(output_dir: Path) -> str:

@@ -10,7 +10,9 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
   - stops the run at the step the doctor finds a divergence (`diverged_at`, `divergence`): a non-finite
     step, or any error whose code counts toward the "diverged" verdict (tunewise.doctor.codes: an
     explosion is a divergence whether or not it is NaN); or when the doctor finds that batches train no
-    token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence);
+    token at all (`stop_reason`: a NaN loss from 0/0 is nothing to learn, not a divergence); under DDP
+    the loss judged is the mean over the processes and the stop is agreed, so every process stops at
+    the same step (none is left waiting in the next all-reduce; tunewise.training.distributed);
   - runs the doctor's end-of-run checks when training ends; `findings` holds everything it found.
 """
 
@@ -34,9 +36,12 @@ from tunewise.doctor.findings import Finding, append_findings
 from tunewise.doctor.memory import check_memory
 from tunewise.doctor.watcher import CurveWatcher
 from tunewise.training.cost import StepCost
+from tunewise.training.distributed import agree_on_max, mean_over_processes
 
 logger = logging.getLogger(__name__)
 MEMORY_ESTIMATE_TOLERANCE = 0.25  # plan's estimate vs the measured peak: a larger error is reported as a bug
+# What a process decided at a step, agreed over the processes as the largest (a divergence wins).
+GO_ON, STOP_UNTRAINED, STOP_DIVERGED = 0, 1, 2
 
 
 class StepRecord:
@@ -95,8 +100,8 @@ class StepRecord:
         """Copy the step's sums to the host (idempotent until the next micro-batch)."""
         if self._settled:
             return
-        if "loss" in self._sums:
-            self.loss = float(self._sums["loss"])
+        if "loss" in self._sums:  # the mean over the processes: every process judges the same number
+            self.loss = float(mean_over_processes(self._sums["loss"]))
         self.tokens = int(self._sums["tokens"]) if "tokens" in self._sums else 0
         self.positions = int(self._sums["positions"]) if "positions" in self._sums else 0
         self.attention_pairs = int(self._sums["attention_pairs"]) if "attention_pairs" in self._sums else 0
@@ -303,8 +308,6 @@ class StepMonitor(TrainerCallback):
         # when to stop). A NaN grad norm alone had its update skipped: the doctor says whether it diverged.
         if (not _finite(loss) and rec.trained_tokens != 0) or _divergences(new):
             self._diverged(state.global_step, new, control)
-            # The weights after a skipped update are still good; after an explosion they are not: no save.
-            control.should_save = control.should_save or not finite
         untrained = [f for f in new if f.code == "no_trainable_tokens" and f.severity == "error"]
         if untrained and self.stop_reason is None:
             self.stop_reason = (
@@ -312,6 +315,10 @@ class StepMonitor(TrainerCallback):
                 "which tokens are trained)"
             )
             control.should_training_stop = True
+        self._agree_on_stop(state.global_step, control)
+        if self.diverged_at == state.global_step:
+            # The weights after a skipped update are still good; after an explosion they are not: no save.
+            control.should_save = control.should_save or not finite
         if self.on_step is not None and self.is_main:
             self.on_step(record)
         rec.reset()
@@ -324,6 +331,20 @@ class StepMonitor(TrainerCallback):
         self.diverged_at, self.divergence = step, found[0] if found else None
         control.should_training_stop = True
 
+    def _agree_on_stop(self, step: int, control: TrainerControl) -> None:
+        """Under DDP, stop every process when one stops: the one that did not decide it takes the decision."""
+        mine = (
+            STOP_DIVERGED if self.diverged_at is not None else STOP_UNTRAINED if self.stop_reason else GO_ON
+        )
+        agreed = agree_on_max(mine)
+        if agreed == mine:
+            return
+        if agreed == STOP_DIVERGED:
+            self._diverged(step, [], control)
+        else:
+            self.stop_reason = "another process found batches that train no token; stopped"
+        control.should_training_stop = True
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -332,6 +353,7 @@ class StepMonitor(TrainerCallback):
         self._emit(new)
         if _divergences(new):
             self._diverged(state.global_step, new, control)
+        self._agree_on_stop(state.global_step, control)  # recover mode restarts on every process or none
 
     def on_evaluate(
         self,

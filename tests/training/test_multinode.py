@@ -1,0 +1,140 @@
+"""Past one machine, on the CPU with gloo: two launchers with node ranks 0 and 1 on localhost train the
+run a 2-process single-node run trains (the same loss, step by step); a doctor stop under DDP ends every
+rank; a failed rank is one line that names it; the monitor's agreement (the mean loss, one stop for all).
+
+Every launch is a `tunewise train` process (or torchrun) with a timeout: a rank left waiting in a
+collective fails the test by the clock instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, tiny_overrides
+from test_divergence_stop import EXPLODES  # full fine-tuning at a constant 0.9: explodes by step 3
+
+from tunewise import rundir
+
+REPO = Path(__file__).parents[2]
+TIMEOUT = 600  # seconds for one launch; a hung rank fails here
+QUICK = {"training.max_steps": 4, "training.eval_steps": 1000, "training.save_steps": 1000}
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _train(*words: str) -> list[str]:
+    """A `tunewise train` command line (the flags the tests always pass: no samples, no progress)."""
+    return [sys.executable, "-m", "tunewise.cli", "train", *words, "--force", "--quiet", "--no-samples"]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in rundir.train_records(read_jsonl(run_dir / rundir.METRICS))]
+
+
+def _result(run_dir: Path) -> dict:
+    return json.loads((run_dir / rundir.RESULT).read_text())
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    nodes = tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "nodes"})
+    port = str(_free_port())
+    where = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
+    launchers = [
+        subprocess.Popen(
+            _train(*nodes, *where, "--node-rank", str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for launcher in launchers:
+            outputs.append(launcher.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    assert [p.returncode for p in launchers] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    assert "on node 1 of 2, 2 in all" in outputs[1]
+    single = _run(
+        _train(*tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "one"}), "--nproc", "2")
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    two_nodes, one_node = _losses(runs / "nodes"), _losses(runs / "one")
+    assert len(two_nodes) == len(one_node) == 4  # one line per step: only global rank 0 writes
+    assert two_nodes == pytest.approx(one_node, rel=1e-4, abs=1e-5)
+    assert two_nodes[-1] != pytest.approx(two_nodes[0], rel=1e-3)  # it trained: the steps are not all alike
+    plan = json.loads((runs / "nodes" / rundir.PLAN).read_text())
+    check = json.loads((runs / "nodes" / rundir.CHECK).read_text())
+    assert plan["steps"]["processes"] == 2 and plan["steps"]["effective_batch"] == 4 * 2 * 2
+    assert check["items"], "the launcher's check (run with the world size) is the run's check.json"
+    assert _result(runs / "nodes")["status"] == "completed" and _result(runs / "nodes")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_doctor_stop_under_ddp_ends_every_rank(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {**EXPLODES, "name": "boom"})
+    done = _run(_train(*overrides, "--nproc", "2"))  # returns only when every rank has exited
+    run_dir = tmp_path / "runs" / "boom"
+    result = _result(run_dir)
+    assert result["status"] == "diverged", done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 1 and "failed" not in done.stderr  # a stop, not a crash of any rank
+    assert result["global_step"] == result["diverged_at"] < EXPLODES["training.max_steps"]
+    assert len(_losses(run_dir)) == result["diverged_at"]  # nothing trained after the stop
+    assert f"diverged at step {result['global_step']}" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_rank_is_one_line_naming_it(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "no-weights"  # the check reads the config and tokenizer; loading the weights fails
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    overrides = tiny_overrides(broken, small_data, tmp_path / "runs", {**QUICK, "name": "broken"})
+    done = _run(_train(*overrides, "--nproc", "2"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next((x for x in done.stderr.splitlines() if x.startswith("error: rank ")), "")
+    assert " failed: ModelError: " in line, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    assert _result(tmp_path / "runs" / "broken")["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_every_process_judges_the_mean_loss_and_stops_with_the_one_that_diverged(tmp_path: Path) -> None:
+    script = REPO / "tests" / "training" / "ddp_agree_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = _run([*cmd, str(script), str(tmp_path)])
+    assert done.returncode == 0, done.stderr[:4000]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in seen:  # rank r recorded a loss of r + 1; only rank 1's doctor found the explosion
+        assert rank["losses"] == [1.5, 1.5, 1.5]
+        assert rank["stopped_at"] == rank["diverged_at"] == 3
