@@ -55,23 +55,13 @@ def _result(run_dir: Path) -> dict:
     return json.loads((run_dir / rundir.RESULT).read_text())
 
 
-@pytest.mark.slow
-def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
-    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
-) -> None:
-    runs = tmp_path / "runs"
-    nodes = tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "nodes"})
-    port = str(_free_port())
-    where = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
+def _two_launchers(overrides: list[str], flags: list[list[str]]) -> list[str]:
+    """Start one `tunewise train` launcher per node (node ranks 0 and 1 on this machine); their outputs."""
     launchers = [
         subprocess.Popen(
-            _train(*nodes, *where, "--node-rank", str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(),
+            _train(*overrides, *node), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
         )
-        for rank in (0, 1)
+        for node in flags
     ]
     outputs = []
     try:
@@ -81,21 +71,38 @@ def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
         for launcher in launchers:
             launcher.kill()
     assert [p.returncode for p in launchers] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    static = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    outputs = _two_launchers(
+        tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "static"}),
+        [[*static, "--node-rank", "0"], [*static, "--node-rank", "1"]],
+    )
     assert "on node 1 of 2, 2 in all" in outputs[1]
+    rdzv = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]  # ranks given as they join
+    _two_launchers(tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "rdzv"}), [rdzv, rdzv])
     single = _run(
         _train(*tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "one"}), "--nproc", "2")
     )
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 
-    two_nodes, one_node = _losses(runs / "nodes"), _losses(runs / "one")
-    assert len(two_nodes) == len(one_node) == 4  # one line per step: only global rank 0 writes
-    assert two_nodes == pytest.approx(one_node, rel=1e-4, abs=1e-5)
-    assert two_nodes[-1] != pytest.approx(two_nodes[0], rel=1e-3)  # it trained: the steps are not all alike
-    plan = json.loads((runs / "nodes" / rundir.PLAN).read_text())
-    check = json.loads((runs / "nodes" / rundir.CHECK).read_text())
-    assert plan["steps"]["processes"] == 2 and plan["steps"]["effective_batch"] == 4 * 2 * 2
-    assert check["items"], "the launcher's check (run with the world size) is the run's check.json"
-    assert _result(runs / "nodes")["status"] == "completed" and _result(runs / "nodes")["global_step"] == 4
+    one_node = _losses(runs / "one")
+    assert len(one_node) == 4 and one_node[-1] != pytest.approx(one_node[0], rel=1e-3)  # it trained
+    for name in ("static", "rdzv"):
+        two_nodes = _losses(runs / name)
+        assert len(two_nodes) == 4, name  # one line per step: only global rank 0 writes
+        assert two_nodes == pytest.approx(one_node, rel=1e-4, abs=1e-5), name
+        plan = json.loads((runs / name / rundir.PLAN).read_text())
+        check = json.loads((runs / name / rundir.CHECK).read_text())
+        assert plan["steps"]["processes"] == 2 and plan["steps"]["effective_batch"] == 4 * 2 * 2
+        assert check["plan"]["steps"]["processes"] == 2  # the launcher's check, with the real world size
+        assert _result(runs / name)["status"] == "completed" and _result(runs / name)["global_step"] == 4
 
 
 @pytest.mark.slow
