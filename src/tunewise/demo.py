@@ -15,6 +15,7 @@ from tunewise.config import load_config
 from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
 from tunewise.evaluate import evaluate
 from tunewise.model import resolve_model_path
+from tunewise.report import write_report
 from tunewise.training.run import TrainHooks, train
 
 if TYPE_CHECKING:
@@ -62,11 +63,12 @@ def run_demo(out: Printer, overrides: list[str] | None = None, quiet: bool = Fal
     tuned = evaluate(cfg, result.run_dir)
     out.eval(tuned)
     rundir.write_json(result.run_dir / rundir.EVAL, {"base": base, "tuned": tuned})
+    write_report(result.run_dir)  # again: train wrote it before there was an eval.json to show
     say("doctor:", style="bold")
     say(render_diagnosis(diagnose_path(result.run_dir)))
     say(
         f"demo finished in {time.time() - started:.0f}s. Run directory: {result.run_dir} "
-        f"(metrics.jsonl, findings.jsonl, result.json, eval.json, adapter/)",
+        f"(report.html, metrics.jsonl, findings.jsonl, result.json, eval.json, adapter/)",
         style="bold",
     )
     say(

@@ -121,16 +121,9 @@ def test_room_is_checked_with_the_numbers(tmp_path, monkeypatch):
     assert "lower `training.save_total_limit`" in problem
 
 
-def _tiny(tiny_model_dir: Path, small_data: dict, tmp_path: Path, name: str) -> tuple:
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            small_data,
-            tmp_path / "runs",
-            {"name": name, "training.save_steps": 2, "training.eval_steps": 2},
-        ),
-    )
+def _tiny(tiny_model_dir: Path, small_data: dict, tmp_path: Path, name: str, **extra: object) -> tuple:
+    settings = {"name": name, "training.save_steps": 2, "training.eval_steps": 2, **extra}
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", settings))
     return cfg, tmp_path / "runs" / name
 
 
@@ -188,8 +181,8 @@ def test_a_run_without_room_for_its_checkpoints_refuses_to_start_with_the_number
 def test_checkpoints_of_a_real_run_are_complete_and_retention_holds(tiny_model_dir, small_data, tmp_path):
     from tunewise.training.run import train
 
-    cfg, run_dir = _tiny(tiny_model_dir, small_data, tmp_path, "retention")
-    cfg.training["save_total_limit"] = 2
+    keep_two = {"training.save_total_limit": 2}
+    cfg, run_dir = _tiny(tiny_model_dir, small_data, tmp_path, "retention", **keep_two)
     result = train(cfg)
     assert result.status == "completed", result.error
     saved = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

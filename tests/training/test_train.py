@@ -15,6 +15,7 @@ from conftest import read_jsonl, tiny_overrides
 from safetensors.torch import load_file
 
 from tunewise.config import load_config
+from tunewise.model import load_model, load_tokenizer, resolve_hardware
 from tunewise.training import run
 from tunewise.training.run import TrainHooks, train
 
@@ -69,9 +70,14 @@ def test_each_method_trains_and_writes_the_run_directory(method, tiny_model_dir,
 def test_gradient_checkpointing_with_adapter_gets_gradients(tiny_model_dir, small_data, tmp_path):
     """The silent failure: checkpointing + frozen embeddings gives the adapter no gradient unless fixed."""
     extra = {"training.gradient_checkpointing": True, "name": "ckpt", "training.max_steps": 2}
-    result = train(load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", extra)))
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", extra))
+    result = train(cfg)
     steps = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
     assert all(r["grad_norm"] > 0 for r in steps)
+    # The guard itself: with checkpointing on, the adapter's inputs carry a gradient (tunewise's
+    # `use_reentrant=False` would hide its absence from the grad norm above).
+    model = load_model(cfg, resolve_hardware(cfg), load_tokenizer(cfg), False)
+    assert model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).requires_grad
 
 
 def test_resume_restores_step_count_schedule_and_the_doctors_history(
