@@ -18,7 +18,12 @@ from tunewise.cli.commands import TRAIN_OPTIONS, Option, option
 CONFIG_HELP = "YAML config (default: every default, the embedded model and the bundled dataset)"
 OVERRIDES = option("overrides", nargs="*", help="key=value overrides, e.g. adapter.r=16")
 JSON = option("--json", action="store_true", help="machine-readable output")
-NPROC = option("--nproc", type=int, default=1, help="data-parallel processes the run will use")
+NPROC = option(
+    "--nproc",
+    type=int,
+    default=1,
+    help="data-parallel processes the run will use, over every machine (2 machines x 4 = --nproc 8)",
+)
 
 
 @dataclass(frozen=True)
