@@ -128,7 +128,7 @@ def test_sharding_where_it_cannot_shard_is_refused_before_any_process_starts(
 ) -> None:
     monkeypatch.delenv(commands.CHILD_ENV, raising=False)
     launched = []
-    monkeypatch.setattr(commands, "_torchrun", lambda cmd, env: launched.append(cmd))
+    monkeypatch.setattr(commands, "_torchrun", lambda cmd, *rest: launched.append(cmd))
     line = ["train", f"output_dir={tmp_path}", "name=x", "training.fsdp=full_shard", "--nproc", "2"]
     assert main(line) == 2  # the check runs for real on this machine (a CPU: accelerate shards only on GPUs)
     err = capsys.readouterr().err

@@ -55,8 +55,9 @@ def _result(run_dir: Path) -> dict:
     return json.loads((run_dir / rundir.RESULT).read_text())
 
 
-def _two_launchers(overrides: list[str], flags: list[list[str]]) -> list[str]:
-    """Start one `tunewise train` launcher per node (node ranks 0 and 1 on this machine); their outputs."""
+def _two_launchers(overrides: list[str], flags: list[list[str]], ok: bool = True) -> list[tuple[int, str]]:
+    """Start one `tunewise train` launcher per node (node ranks 0 and 1 on this machine), each with its
+    own overrides and flags; their exit codes and outputs (stdout and stderr together)."""
     launchers = [
         subprocess.Popen(
             _train(*overrides, *node), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
@@ -70,8 +71,10 @@ def _two_launchers(overrides: list[str], flags: list[list[str]]) -> list[str]:
     finally:
         for launcher in launchers:
             launcher.kill()
-    assert [p.returncode for p in launchers] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
-    return outputs
+    ended = [(p.returncode, out) for p, out in zip(launchers, outputs, strict=True)]
+    if ok:
+        assert [code for code, _ in ended] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    return ended
 
 
 @pytest.mark.slow
@@ -80,11 +83,11 @@ def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
 ) -> None:
     runs = tmp_path / "runs"
     static = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    outputs = _two_launchers(
+    ended = _two_launchers(
         tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "static"}),
         [[*static, "--node-rank", "0"], [*static, "--node-rank", "1"]],
     )
-    assert "on node 1 of 2, 2 in all" in outputs[1]
+    assert "on node 1 of 2, 2 in all" in ended[1][1]
     rdzv = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]  # ranks given as they join
     _two_launchers(tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "rdzv"}), [rdzv, rdzv])
     single = _run(
@@ -145,3 +148,25 @@ def test_every_process_judges_the_mean_loss_and_stops_with_the_one_that_diverged
     for rank in seen:  # rank r recorded a loss of r + 1; only rank 1's doctor found the explosion
         assert rank["losses"] == [1.5, 1.5, 1.5]
         assert rank["stopped_at"] == rank["diverged_at"] == 3
+
+
+@pytest.mark.slow
+def test_a_machine_whose_rank_fails_early_stops_the_other_machine_too(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    # node 1 has no weights: its rank dies before the process group forms, which would leave node 0's
+    # rank waiting for it (the process group's timeout is 30 minutes); node 0 hears it at the rendezvous
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    overrides = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {**QUICK, "name": "half"})
+    static = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    ended = _two_launchers(
+        overrides,
+        [[*static, "--node-rank", "0"], [*static, "--node-rank", "1", f"model.name={broken}"]],
+        ok=False,
+    )
+    (code0, out0), (code1, out1) = ended
+    assert code1 == 1 and "error: rank 1 failed: ModelError: " in out1, out1[-3000:]
+    assert code0 == 1, out0[-3000:]
+    assert "error: another machine: node 1's rank 1 failed: ModelError: " in out0, out0[-3000:]
+    assert "Traceback" not in out0 + out1 and "ChildFailedError" not in out0 + out1

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import webbrowser
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,8 +416,10 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
             CHECK_ENV: str(check_file),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         }
-        failure = _torchrun(cmd, env)
+        failure = _torchrun(cmd, env, launch)
     if failure:
+        if not failure.startswith(PEER_SAID):  # this machine's own: the others may be waiting for it
+            _tell_the_other_machines(launch, failure)
         err_console.print(f"error: {failure}", markup=False, highlight=False)
         return 1
     result = rundir.read_json_object(run_dir / rundir.RESULT)
@@ -428,8 +432,12 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if result["status"] == "completed" else 1
 
 
-def _torchrun(cmd: list[str], env: dict[str, str]) -> str | None:
-    """Run torchrun in this process with `env` added for its processes; None, or what the failed rank said."""
+def _torchrun(cmd: list[str], env: dict[str, str], launch: Launch | None = None) -> str | None:
+    """Run torchrun in this process with `env` added for its processes; None, or what the failed rank said.
+
+    Over several machines a watcher listens at the rendezvous for another machine's failure: a rank
+    that died before the process group formed would leave this machine's ranks waiting for it.
+    """
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -439,14 +447,23 @@ def _torchrun(cmd: list[str], env: dict[str, str]) -> str | None:
 
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its traceback wall
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:  # its traceback wall
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    watch = PeerWatch(launch) if launch is not None and launch.nnodes > 1 else None
     try:
+        if watch:
+            watch.start()
         torchrun_run(torchrun_parse_args(cmd))
     except ChildFailedError as exc:
         return rank_failure(exc)
-    except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: torchrun has stopped the processes
+    except SignalException as exc:  # Ctrl-C, a scheduler's SIGTERM, or the watcher: the processes are stopped
+        if watch and watch.peer_failure:
+            return f"{PEER_SAID}{watch.peer_failure}; this machine's processes were stopped with it"
         return f"the launcher received {exc.sigval.name}; its processes were stopped (resume with --resume)"
     finally:
+        if watch:
+            watch.stop.set()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -471,6 +488,56 @@ def rank_failure(exc: Any) -> str:
 
 
 PEER_LOST = "Connection closed by peer"  # gloo's words when the process at the other end has gone
+PEER_FAILED_KEY = "tunewise/failed"  # set at the rendezvous store by a machine whose rank failed
+PEER_SAID = "another machine: "  # how a failure that came from another machine begins
+
+
+def _rendezvous_store(launch: Launch, timeout_s: float) -> Any:
+    """A client of the key-value store the machines meet at (node 0's torchrun hosts it)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    if launch.rdzv_endpoint:
+        host, _, port = launch.rdzv_endpoint.rpartition(":")
+    else:
+        host, port = launch.master_addr or "127.0.0.1", str(launch.master_port or DEFAULT_MASTER_PORT)
+    return TCPStore(
+        host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+def _tell_the_other_machines(launch: Launch, failure: str) -> None:
+    """Leave this machine's failure at the rendezvous, for the other machines' watchers (best effort)."""
+    if launch.nnodes < 2 or (launch.node_rank == 0 and not launch.rdzv_endpoint):
+        return  # node 0's torchrun hosted the store: gone with it, and the others fail on its loss
+    try:
+        _rendezvous_store(launch, timeout_s=5).set(PEER_FAILED_KEY, f"node {launch.node_rank}'s {failure}")
+    except Exception:  # the store has gone with node 0: the others' collectives fail on their own
+        return
+
+
+class PeerWatch(threading.Thread):
+    """Polls the rendezvous store for another machine's failure; on one, stops this launcher's torchrun
+    (a SIGTERM to this process: torchrun stops its processes and raises SignalException)."""
+
+    POLL_S = 2.0
+
+    def __init__(self, launch: Launch) -> None:
+        super().__init__(daemon=True, name="tunewise-peer-watch")
+        self.launch, self.stop, self.peer_failure = launch, threading.Event(), None
+
+    def run(self) -> None:
+        store = None
+        while not self.stop.wait(self.POLL_S):
+            try:
+                store = store or _rendezvous_store(self.launch, timeout_s=self.POLL_S)
+                if store.check([PEER_FAILED_KEY]):
+                    self.peer_failure = store.get(PEER_FAILED_KEY).decode("utf-8", "replace")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            except Exception:  # not up yet (node 0 is still checking), or gone at the end of the run
+                store = None
 
 
 def _rank_failed(exc: Exception, debug: bool) -> int:
