@@ -85,9 +85,11 @@ def test_two_nodes_of_one_process_train_what_two_processes_on_one_node_train(
     static = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     ended = _two_launchers(
         tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "static"}),
-        [[*static, "--node-rank", "0"], [*static, "--node-rank", "1"]],
+        [[*static, "--node-rank", "1"], [*static, "--node-rank", "0"]],  # node 1 waits for node 0's check
     )
-    assert "on node 1 of 2, 2 in all" in ended[1][1]
+    assert "on node 1 of 2, 2 in all" in ended[0][1]
+    for _, output in ended:  # the launchers' watch on the rendezvous waits quietly for it to open
+        assert "TCPStore.cpp" not in output and "socket.cpp" not in output, output[-3000:]
     rdzv = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]  # ranks given as they join
     _two_launchers(tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "rdzv"}), [rdzv, rdzv])
     single = _run(

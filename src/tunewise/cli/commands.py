@@ -492,19 +492,28 @@ PEER_FAILED_KEY = "tunewise/failed"  # set at the rendezvous store by a machine 
 PEER_SAID = "another machine: "  # how a failure that came from another machine begins
 
 
+def _rendezvous_address(launch: Launch) -> tuple[str, int]:
+    """Where the machines meet: the key-value store node 0's torchrun (or the endpoint's host) serves."""
+    if launch.rdzv_endpoint:
+        host, _, port = launch.rdzv_endpoint.rpartition(":")
+        return host, int(port)
+    return launch.master_addr or "127.0.0.1", launch.master_port or DEFAULT_MASTER_PORT
+
+
 def _rendezvous_store(launch: Launch, timeout_s: float) -> Any:
-    """A client of the key-value store the machines meet at (node 0's torchrun hosts it)."""
+    """A client of the rendezvous store, or None while nothing listens there (probed with a plain
+    socket first: a TCPStore client that cannot connect prints C++ warnings with stack frames)."""
+    import socket
     from datetime import timedelta
 
     from torch.distributed import TCPStore
 
-    if launch.rdzv_endpoint:
-        host, _, port = launch.rdzv_endpoint.rpartition(":")
-    else:
-        host, port = launch.master_addr or "127.0.0.1", str(launch.master_port or DEFAULT_MASTER_PORT)
-    return TCPStore(
-        host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-    )
+    host, port = _rendezvous_address(launch)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError:
+        return None
+    return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def _tell_the_other_machines(launch: Launch, failure: str) -> None:
@@ -512,7 +521,9 @@ def _tell_the_other_machines(launch: Launch, failure: str) -> None:
     if launch.nnodes < 2 or (launch.node_rank == 0 and not launch.rdzv_endpoint):
         return  # node 0's torchrun hosted the store: gone with it, and the others fail on its loss
     try:
-        _rendezvous_store(launch, timeout_s=5).set(PEER_FAILED_KEY, f"node {launch.node_rank}'s {failure}")
+        store = _rendezvous_store(launch, timeout_s=5)
+        if store is not None:
+            store.set(PEER_FAILED_KEY, f"node {launch.node_rank}'s {failure}")
     except Exception:  # the store has gone with node 0: the others' collectives fail on their own
         return
 
@@ -531,8 +542,9 @@ class PeerWatch(threading.Thread):
         store = None
         while not self.stop.wait(self.POLL_S):
             try:
-                store = store or _rendezvous_store(self.launch, timeout_s=self.POLL_S)
-                if store.check([PEER_FAILED_KEY]):
+                if store is None:
+                    store = _rendezvous_store(self.launch, timeout_s=self.POLL_S)
+                if store is not None and store.check([PEER_FAILED_KEY]):
                     self.peer_failure = store.get(PEER_FAILED_KEY).decode("utf-8", "replace")
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
