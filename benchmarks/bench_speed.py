@@ -413,10 +413,10 @@ def main() -> None:
 
     import torch
 
-    from tunewise.batching import PEAK_CACHE, peak_flops
     from tunewise.config import load_config
     from tunewise.model import cache_dir, load_tokenizer, resolve_hardware, torch_dtype
     from tunewise.task import bundled_data_dir
+    from tunewise.training.cost import PEAK_CACHE, peak_flops
 
     cfg = load_config(None, [f"model.name={args.model}", "model.method=lora"])
     hw = resolve_hardware(cfg)

@@ -6,7 +6,7 @@ python -m torch.distributed.run --nproc_per_node 2 tests/training/watch_ddp_scri
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # + conftest
 
 from test_watch import COMMON, TOKENIZER, sums, tiny_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
