@@ -252,3 +252,17 @@ def test_run_numbers_leave_out_the_first_step_and_warn_on_a_wrong_memory_estimat
     assert numbers["memory"]["estimated_peak"] == 1 and numbers["memory"]["warning"] == notes[0]
     exact = StepMonitor(trainer, None, None, memory_estimate=peak_memory_bytes(), on_notice=notes.append)
     assert "warning" not in exact.run_numbers()["memory"] and len(notes) == 1
+
+
+def test_the_measured_peak_is_trainings_own_not_what_the_process_did_before():
+    """The demo evaluates the base model before training in the same process: reset, then measure."""
+    import numpy as np
+
+    from tunewise.training.monitor import peak_memory_bytes, reset_peak_memory
+
+    block = np.ones(600 * 2**20 // 8)  # 600 MiB resident, then freed
+    before = peak_memory_bytes()
+    del block
+    reset_peak_memory()
+    after = peak_memory_bytes()
+    assert before - after > 400 * 2**20, (before, after)
