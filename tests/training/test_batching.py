@@ -266,3 +266,14 @@ def test_the_measured_peak_is_trainings_own_not_what_the_process_did_before():
     reset_peak_memory()
     after = peak_memory_bytes()
     assert before - after > 400 * 2**20, (before, after)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """A first run measures the peak, later ones read the cache: both must draw the same dropout masks."""
+    from tunewise.training.cost import measure_peak_flops
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    measure_peak_flops("cpu", torch.float32, size=64, seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)

@@ -56,8 +56,11 @@ def step_cost(
 
 def measure_peak_flops(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
     """FLOP/s of a square matmul at `dtype` on `device`: the best of repeated runs for about `seconds`."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # Its own generator: measuring must not move the global RNG (dropout, data order), or a run that
+    # measured (an empty cache) and one that read the cache would train differently from the same seed.
+    rng = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=rng).to(dtype)
+    b = torch.randn(size, size, device=device, generator=rng).to(dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b  # warm-up: kernel choice, page faults
     sync()
