@@ -293,6 +293,9 @@ def training_arguments(cfg: Config, run_dir: Path, hw: Hardware, has_eval: bool)
     if world_size() > 1 and cfg.model.method != "full":
         t.setdefault("ddp_find_unused_parameters", False)
     t["remove_unused_columns"] = False
+    # No compute_metrics: evaluation needs only the loss. Without this the Trainer keeps every eval
+    # example's logits (examples x length x vocabulary floats: 2.5 GB for the demo's 100 x 128 x 49152).
+    t.setdefault("prediction_loss_only", True)
     t.pop("logging_dir", None)  # the TensorBoard directory is the run's (see build_trainer)
     return TrainingArguments(output_dir=str(run_dir), **t)
 
