@@ -322,9 +322,18 @@ def hidden_nan_advice(divergence: Advice, precision: str | None = None) -> Advic
     return causes, fixes
 
 
+def _zero_lr_cause(lr: float | None, unseen: str) -> tuple[int, str, Fix]:
+    """A learning rate of 0 as a ranked cause: first when the log shows it, `unseen` and last otherwise."""
+    zero_lr = lr is not None and lr <= 0
+    return (
+        1 + (5 if zero_lr else 0),
+        f"the learning rate is {fmt_lr(lr)}" if zero_lr else unseen,
+        Fix("training.learning_rate=2.0e-04", "a typical LoRA rate (2e-5 for full fine-tuning)"),
+    )
+
+
 def nothing_trained_advice(lr: float | None) -> Advice:
     """Causes and fixes of a loss of exactly 0.0 with no gradient: no token or no weight is trained."""
-    zero_lr = lr is not None and lr <= 0
     return rank_advice(
         [
             (
@@ -344,13 +353,7 @@ def nothing_trained_advice(lr: float | None) -> Advice:
                     "PEFT model call `model.enable_input_require_grads()`",
                 ),
             ),
-            (
-                1 + (5 if zero_lr else 0),
-                f"the learning rate is {fmt_lr(lr)}"
-                if zero_lr
-                else "the learning rate is 0 for the whole run",
-                Fix("training.learning_rate=2.0e-04", "a typical LoRA rate (2e-5 for full fine-tuning)"),
-            ),
+            _zero_lr_cause(lr, "the learning rate is 0 for the whole run"),
         ]
     )
 
@@ -403,7 +406,6 @@ def eval_non_finite_advice(precision: str | None = None) -> Advice:
 
 def frozen_weights_advice(lr: float | None) -> Advice:
     """Causes and fixes of real losses that repeat epoch after epoch: the weights never change."""
-    zero_lr = lr is not None and lr <= 0
     return rank_advice(
         [
             (
@@ -416,13 +418,7 @@ def frozen_weights_advice(lr: float | None) -> Advice:
                     "build the optimizer from the final model's parameters with requires_grad",
                 ),
             ),
-            (
-                1 + (5 if zero_lr else 0),
-                f"the learning rate is {fmt_lr(lr)}"
-                if zero_lr
-                else "the learning rate is 0 (or the scheduler holds it at 0)",
-                Fix("training.learning_rate=2.0e-04", "a typical LoRA rate (2e-5 for full fine-tuning)"),
-            ),
+            _zero_lr_cause(lr, "the learning rate is 0 (or the scheduler holds it at 0)"),
             (
                 1,
                 "every update is skipped (an fp16 loss scaler that overflows at every step, or a step "

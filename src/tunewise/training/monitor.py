@@ -125,6 +125,11 @@ class WatchedTrainer(Trainer):
         return self.step_record.watch_grad_norm(super()._get_grad_norm, model, grad_norm)
 
 
+def trainer_precision(args: TrainingArguments) -> str:
+    """bf16 | fp16 | fp32: the mixed precision the Trainer trains in (the overflow fixes depend on it)."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 

@@ -41,7 +41,7 @@ from tunewise.training.callbacks import DiskGuard, LearningRateReset, PauseAt, S
 from tunewise.training.checkpoints import CrashSafeTrainer
 from tunewise.training.cost import model_step_cost
 from tunewise.training.distributed import is_main_process, world_size
-from tunewise.training.monitor import StepMonitor, WatchedTrainer
+from tunewise.training.monitor import StepMonitor, WatchedTrainer, trainer_precision
 from tunewise.training.recovery import divergence_message, recover
 from tunewise.training.samples import write_samples
 
@@ -313,7 +313,7 @@ def _watcher(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         vocab_size=vocab_size,
-        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",  # the overflow fixes depend on it
+        precision=trainer_precision(args),
     )
 
 

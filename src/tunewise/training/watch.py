@@ -54,7 +54,7 @@ from tunewise.doctor.advice import recovery_fixes
 from tunewise.doctor.findings import WATCH_SOURCE, Finding, append_findings, speak_fix
 from tunewise.doctor.watcher import CurveWatcher
 from tunewise.training.callbacks import LearningRateReset
-from tunewise.training.monitor import StepMonitor, StepRecord
+from tunewise.training.monitor import StepMonitor, StepRecord, trainer_precision
 from tunewise.training.recovery import drop_checkpoints_after, restart_checkpoint
 
 if TYPE_CHECKING:
@@ -175,11 +175,6 @@ def _arguments(args: TrainingArguments) -> dict[str, Any]:
     return out
 
 
-def _precision(args: TrainingArguments) -> str:
-    """bf16 | fp16 | fp32: the mixed precision the Trainer trains in."""
-    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-
-
 def _plan(
     args: TrainingArguments, method: str, warmup: int, total: int, per_epoch: int | None, memory: int
 ) -> dict[str, Any]:
@@ -197,7 +192,7 @@ def _plan(
         },
         "hardware": {
             "device": str(args.device),
-            "precision": _precision(args),
+            "precision": trainer_precision(args),
             "optim": _plain(args.optim),
             "memory_bytes": memory,
             "processes": args.world_size,
@@ -284,7 +279,7 @@ class TrainerWatch(TrainerCallback):
             warmup_steps=warmup,
             total_steps=total,
             steps_per_epoch=per_epoch,
-            precision=_precision(args),  # the overflow fixes depend on it
+            precision=trainer_precision(args),  # the overflow fixes depend on it
         )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +288,7 @@ class TrainerWatch(TrainerCallback):
                 "model": {
                     "name": getattr(self.trainer.model, "name_or_path", None),
                     "method": method,
-                    "precision": _precision(args),
+                    "precision": trainer_precision(args),
                 },
                 "training": _arguments(args),
                 "doctor": {"on_divergence": self.on_divergence, "max_recoveries": self.max_recoveries},
