@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from transformers import AutoConfig
 
 from tunewise import check
 from tunewise.check import CheckReport, precision_item, run_check
@@ -14,7 +15,7 @@ from tunewise.config import load_config
 from tunewise.data import inspect_examples
 from tunewise.errors import ConfigError
 from tunewise.model import load_tokenizer
-from tunewise.plan import plan_config, plan_steps
+from tunewise.plan import estimate_memory, plan_config, plan_steps
 
 REPO = Path(__file__).parent.parent
 BROKEN = REPO / "examples" / "broken.yaml"
@@ -210,6 +211,37 @@ def test_plan_config_counts_steps_and_memory(tiny_model_dir, small_data, tmp_pat
     plan = plan_config(load_config(None, _overrides(tiny_model_dir, tmp_path, small_data)), processes=2)
     assert plan["steps"]["total_steps"] == plan_steps(64, 4, 4, 3, processes=2).total_steps
     assert plan["memory"]["peak"] > 0 and plan["data"]["encoded"] == 80
+
+
+def test_memory_estimate_adds_the_evaluation_forward(tiny_model_dir, small_data, tmp_path):
+    """An evaluating run's peak holds the eval batch's logits (compute dtype + fp32 for the loss) on top of
+    step 1 on the CPU; a run that never evaluates peaks at step 1; a bigger eval batch costs more."""
+    base = _overrides(
+        tiny_model_dir, tmp_path, small_data, "training.eval_strategy=steps", "training.eval_steps=1"
+    )
+    plans = {
+        b: plan_config(load_config(None, [*base, f"training.per_device_eval_batch_size={b}"])) for b in (2, 8)
+    }
+    for batch, plan in plans.items():
+        mem, vocab = plan["memory"], AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+        act_b = 4 if plan["hardware"]["precision"] == "fp32" else 2
+        assert mem["eval_batch"] == batch
+        assert mem["evaluation"] == batch * mem["seq_len"] * vocab * (act_b + 4)
+        assert mem["peak"] == mem["peak_step_1"] + mem["evaluation"]  # the CPU's resident set keeps both
+    assert plans[8]["memory"]["peak"] > plans[2]["memory"]["peak"]
+    never = plan_config(load_config(None, [*base[:-2], "training.eval_strategy=no"]))["memory"]
+    assert never["evaluation"] == 0 and never["peak"] == never["peak_step_1"]
+
+
+def test_on_cuda_the_evaluation_reuses_training_activations():
+    shape = {"total": 10**8, "linear": 9 * 10**7, "other": 10**7, "lora": 10**6}
+    shape |= {"layers": 12, "hidden": 512, "heads": 8, "vocab": 32000}
+    cfg = load_config(None, ["model.method=lora"])
+    small = estimate_memory(cfg, shape, "bf16", 8, 256, "cuda", eval_batch=1)
+    assert small["peak"] == small["peak_step_1"]  # one example's logits fit where training's activations were
+    big = estimate_memory(cfg, shape, "bf16", 8, 256, "cuda", eval_batch=64)
+    fixed = sum(big[k] for k in ("weights", "adapter", "gradients", "optimizer", "framework_overhead"))
+    assert big["peak"] == fixed + big["evaluation"] > big["peak_step_1"]
 
 
 def test_inspect_marks_trained_text(tiny_model_dir, small_data, tmp_path):

@@ -122,9 +122,16 @@ def _model_shape(cfg: Config) -> dict[str, int] | None:
 
 
 def estimate_memory(
-    cfg: Config, shape: dict[str, int], precision: str, batch: int, seq: int, device: str = "cpu"
+    cfg: Config,
+    shape: dict[str, int],
+    precision: str,
+    batch: int,
+    seq: int,
+    device: str = "cpu",
+    eval_batch: int = 0,
 ) -> dict[str, Any]:
-    """Peak training memory in bytes, by part, with and without gradient checkpointing."""
+    """Peak memory in bytes, by part: training at step 1 (with and without gradient checkpointing) and the
+    run's peak, which adds an evaluation forward of `eval_batch` examples (0: the run never evaluates)."""
     method, b = cfg.model.method, BYTES.get(precision, 4)
     if method == "qlora":
         weights = shape["linear"] * 0.5 * 1.03 + shape["other"] * b  # NF4 + double-quantized scales
@@ -150,6 +157,8 @@ def estimate_memory(
     use_ckpt = bool(
         cfg.training.get("gradient_checkpointing") or cfg.training.get("activation_checkpointing")
     )
+    step_1 = fixed + (with_ckpt if use_ckpt else without)
+    evaluation = _evaluation_bytes(shape, eval_batch, seq, act_b)
     return {
         "weights": int(weights),
         "adapter": int(adapter),
@@ -160,12 +169,31 @@ def estimate_memory(
         "trainable_parameters": int(trainable),
         "total_parameters": int(shape["total"]),
         "framework_overhead": int(overhead),
-        "peak": int(fixed + (with_ckpt if use_ckpt else without)),
-        "peak_with_checkpointing": int(fixed + with_ckpt),
-        "peak_without_checkpointing": int(fixed + without),
+        "evaluation": int(evaluation),
+        "peak_step_1": int(step_1),
+        "peak": int(_run_peak(step_1, step_1 - fixed, evaluation, device)),
+        "peak_with_checkpointing": int(_run_peak(fixed + with_ckpt, with_ckpt, evaluation, device)),
+        "peak_without_checkpointing": int(_run_peak(fixed + without, without, evaluation, device)),
         "batch": batch,
+        "eval_batch": eval_batch,
         "seq_len": seq,
     }
+
+
+def _evaluation_bytes(shape: dict[str, int], eval_batch: int, seq: int, act_b: int) -> int:
+    """What an evaluation forward adds: no activations are kept (no_grad), but the logits of the whole eval
+    batch are, in the compute dtype and again in fp32 for the loss (measured on the demo: 20 examples of
+    SmolLM2's 49,152-token vocabulary add ~0.5 GB over step 1)."""
+    return eval_batch * seq * shape["vocab"] * (act_b + 4) if eval_batch else 0
+
+
+def _run_peak(step_1: float, activations: float, evaluation: float, device: str) -> float:
+    """The run's peak from step 1's and an evaluation's. CUDA's allocator hands training's freed
+    activations to the evaluation, so the larger of the two counts; on the CPU the resident set keeps
+    training's freed blocks (malloc keeps them for requests of their size) and the logits come on top."""
+    if device == "cuda":
+        return max(step_1, step_1 - activations + evaluation)
+    return step_1 + evaluation
 
 
 def plan_run(
@@ -209,8 +237,9 @@ def plan_run(
         shape = _model_shape(cfg)
         if shape:
             seq = min(longest or cfg.data.max_seq_length, cfg.data.max_seq_length)
+            eval_batch = int(t.get("per_device_eval_batch_size", 8)) if evals else 0
             mem = estimate_memory(
-                cfg, shape, hw.precision, int(t["per_device_train_batch_size"]), seq, hw.device
+                cfg, shape, hw.precision, int(t["per_device_train_batch_size"]), seq, hw.device, eval_batch
             )
             mem["device_bytes"] = hw.memory_bytes
             mem["fraction_of_device"] = round(mem["peak"] / hw.memory_bytes, 4) if hw.memory_bytes else None

@@ -537,6 +537,7 @@ def _memory_rows(memory: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("estimated peak (plan)", memory.get("estimated_peak")),
         ("measured peak", memory.get("measured_peak")),
+        ("estimated at step 1 (plan)", memory.get("estimated_step_1")),
         ("measured at step 1", memory.get("measured_step_1")),
     ]
     shown = [(k, _bytes(v)) for k, v in rows if v is not None]

@@ -218,9 +218,10 @@ class Printer:
         mem = plan.get("memory")
         if mem:
             say(
-                f"  memory at step 1 (estimate): {mem['peak'] / GIB:.2f} GiB "
-                f"of {mem['device_bytes'] / GIB:.1f} GiB "
-                f"(weights {mem['weights'] / GIB:.2f}, optimizer {mem['optimizer'] / GIB:.2f}, activations "
+                f"  memory (estimate): {mem['peak'] / GIB:.2f} GiB of {mem['device_bytes'] / GIB:.1f} GiB at "
+                f"the run's peak, {mem.get('peak_step_1', mem['peak']) / GIB:.2f} at step 1 "
+                f"(weights {mem['weights'] / GIB:.2f}, optimizer {mem['optimizer'] / GIB:.2f}, "
+                f"evaluation {mem.get('evaluation', 0) / GIB:.2f}, activations "
                 f"{mem['activations_with_checkpointing'] / GIB:.2f} with checkpointing / "
                 f"{mem['activations_without_checkpointing'] / GIB:.2f} without); "
                 f"{mem['trainable_parameters']:,} trainable of {mem['total_parameters']:,} parameters"

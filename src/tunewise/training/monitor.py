@@ -18,6 +18,8 @@ not only logging steps, at no extra compute. `StepMonitor` (a TrainerCallback) t
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import resource
@@ -156,9 +158,20 @@ def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return
+    _give_back_freed_memory()
     try:
         PROC_CLEAR_REFS.write_text("5")
     except OSError:  # not Linux, or not allowed: the peak stays the process's
+        pass
+
+
+def _give_back_freed_memory() -> None:
+    """Return what earlier work freed to the OS (glibc's malloc_trim), so the resident set a reset starts
+    from is what is live, not what the base model's evaluation once held."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the resident set keeps what it has
         pass
 
 
@@ -189,7 +202,8 @@ class StepMonitor(TrainerCallback):
         is_main: bool = True,
         rewrite: Callable[[Finding], Finding] | None = None,  # e.g. tunewise.watch: fixes in a script's words
         cost: StepCost | None = None,  # FLOPs per token and the device's peak, for the MFU
-        memory_estimate: int | None = None,  # the plan's peak, compared with the measured one
+        memory_estimate: int | None = None,  # the plan's peak over the run, compared with the measured one
+        memory_estimate_step_1: int | None = None,  # the plan's training peak at step 1, recorded beside it
         on_notice: Callable[[str], None] | None = None,
     ):
         self.trainer, self.run_dir, self.watcher = trainer, run_dir, watcher
@@ -208,6 +222,7 @@ class StepMonitor(TrainerCallback):
         self.last_step_time = self.start = time.time()
         self.tokens_total = 0
         self.cost, self.memory_estimate, self.on_notice = cost, memory_estimate, on_notice
+        self.memory_estimate_step_1 = memory_estimate_step_1
         self.totals: dict[str, float] = {}  # over the steps after the first (warm-up), for result.json
         self.memory_step_1: int | None = None
 
@@ -258,6 +273,7 @@ class StepMonitor(TrainerCallback):
         estimate = self.memory_estimate
         error = round((measured - estimate) / estimate, 4) if estimate else None
         memory = {"estimated_peak": estimate, "measured_peak": measured, "error": error}
+        memory["estimated_step_1"] = self.memory_estimate_step_1
         memory["measured_step_1"] = self.memory_step_1
         if error is not None and abs(error) > MEMORY_ESTIMATE_TOLERANCE:
             memory["warning"] = (

@@ -249,6 +249,7 @@ def build_trainer(setup: RunSetup) -> tuple[WatchedTrainer, StepMonitor]:
         is_main=is_main_process(),
         cost=model_step_cost(model, hw.device, hw.device_name, hw.precision),
         memory_estimate=(prepared.plan.get("memory") or {}).get("peak"),
+        memory_estimate_step_1=(prepared.plan.get("memory") or {}).get("peak_step_1"),
         on_notice=setup.hooks.on_notice,
     )
     monitor.total_steps = plan.total_steps
