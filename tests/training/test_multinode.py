@@ -172,3 +172,23 @@ def test_a_machine_whose_rank_fails_early_stops_the_other_machine_too(
     assert code0 == 1, out0[-3000:]
     assert "error: another machine: node 1's rank 1 failed: ModelError: " in out0, out0[-3000:]
     assert "Traceback" not in out0 + out1 and "ChildFailedError" not in out0 + out1
+
+
+@pytest.mark.slow
+def test_every_rank_loads_the_best_checkpoint_from_the_run_directory(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # The Trainer finds the best checkpoint where it was written, the staging directory (.saving/);
+    # every rank, not only rank 0, must point at the renamed one, or the others keep their last weights
+    script = REPO / "tests" / "training" / "ddp_best_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = _run([*cmd, str(script), str(tiny_model_dir), str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Could not locate the best model" not in done.stderr, done.stderr[-4000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    best = tmp_path / "run" / "checkpoint-2"  # the earliest: the script's metric favours it
+    assert (best / rundir.MANIFEST).is_file()
+    for rank in seen:
+        assert rank["best"] == str(best) and rank["best_is_dir"], seen
+    assert seen[0]["weights"] == pytest.approx(seen[0]["best_saved"], rel=1e-9)  # rank 0 loaded it
+    assert seen[1]["weights"] == pytest.approx(seen[0]["weights"], rel=1e-9)  # ... and so did rank 1

@@ -137,16 +137,18 @@ class CrashSafeTrainer(WatchedTrainer):
             finally:
                 self._staging_root = None
             _barrier()  # ... and has written there before the main one seals and renames it
+            self._point_best_at(run_dir, staging / name, step)  # every process: each loads it at the end
+            if self.args.should_save:
+                write_manifest(staging / name, step)
+                final = run_dir / name
+                if final.exists():  # saved again at the same step (a resumed run's last step)
+                    shutil.rmtree(final)
+                os.replace(staging / name, final)
+                _fsync(run_dir)
+                shutil.rmtree(staging, ignore_errors=True)
+            _barrier()  # no process goes on (to load the best checkpoint) before it is in place
             if not self.args.should_save:
                 return
-            self._point_best_at(run_dir, staging / name, step)
-            write_manifest(staging / name, step)
-            final = run_dir / name
-            if final.exists():  # saved again at the same step (a resumed run's last step)
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            _fsync(run_dir)
-            shutil.rmtree(staging, ignore_errors=True)
         except Exception as exc:  # OSError, safetensors' and torch's own errors for a full disk
             shutil.rmtree(staging, ignore_errors=True)
             good, _ = rundir.resumable(run_dir)
@@ -163,11 +165,21 @@ class CrashSafeTrainer(WatchedTrainer):
             logger.info("retention: deleted %s", ", ".join(p.name for p in deleted))
 
     def _point_best_at(self, run_dir: Path, staged: Path, step: int) -> None:
-        """The Trainer looked for the best checkpoint in the staging directory: point it at the real one."""
+        """The Trainer looked for the best checkpoint in the staging directory: point it at the real one.
+
+        Every process does this, not only the main one: each loads the best checkpoint at the end
+        (`load_best_model_at_end`), and one left pointing into the staging directory, which is gone by
+        then, would keep its last weights while the main process loads the best ones. The path does not
+        depend on whether this process sees the renamed directory yet; only the main process rewrites
+        the staged trainer_state.json.
+        """
         best_step = self.state.best_global_step
         if not best_step:
             return
         best = run_dir / f"{rundir.CHECKPOINT_PREFIX}{best_step}"
-        if best_step == step or best.is_dir():
+        recorded = self.state.best_model_checkpoint
+        staged_best = recorded is not None and Path(recorded).parent == staged.parent
+        if best_step == step or staged_best or best.is_dir():
             self.state.best_model_checkpoint = str(best)
-            self.state.save_to_json(str(staged / "trainer_state.json"))
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / "trainer_state.json"))
