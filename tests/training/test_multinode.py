@@ -192,3 +192,47 @@ def test_every_rank_loads_the_best_checkpoint_from_the_run_directory(
         assert rank["best"] == str(best) and rank["best_is_dir"], seen
     assert seen[0]["weights"] == pytest.approx(seen[0]["best_saved"], rel=1e-9)  # rank 0 loaded it
     assert seen[1]["weights"] == pytest.approx(seen[0]["weights"], rel=1e-9)  # ... and so did rank 1
+
+
+ACCELERATE_CPU_PAIR = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+main_process_port: 0
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_what_torchrun_trains(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    # accelerate starts a MULTI_CPU config through mpirun (a single process without a hostfile); its
+    # torchrun path with use_cpu is the one that runs 2 processes with gloo on the CPU
+    runs, config = tmp_path / "runs", tmp_path / "acc.yaml"
+    config.write_text(ACCELERATE_CPU_PAIR)
+    flags = ["--launcher", "accelerate", "--accelerate-config", str(config)]
+    done = _run(_train(*tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "acc"}), *flags))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"2 in all: accelerate launch --config_file {config}" in done.stdout
+    single = _run(
+        _train(*tiny_overrides(tiny_model_dir, small_data, runs, {**QUICK, "name": "one"}), "--nproc", "2")
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    torchrun, accelerate = _losses(runs / "one"), _losses(runs / "acc")
+    assert len(accelerate) == 4 and torchrun[-1] != pytest.approx(torchrun[0], rel=1e-3)  # it trained
+    assert accelerate == pytest.approx(torchrun, rel=1e-4, abs=1e-5)
+    assert json.loads((runs / "acc" / rundir.PLAN).read_text())["steps"]["processes"] == 2
+    assert json.loads((runs / "acc" / rundir.CHECK).read_text())["plan"]["steps"]["processes"] == 2
+    assert _result(runs / "acc")["status"] == "completed"
+
+    broken = tmp_path / "no-weights"  # a failed rank under accelerate: the same one line
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    failed = _run(_train(*tiny_overrides(broken, small_data, runs, {**QUICK, "name": "broken"}), *flags))
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    line = next((x for x in failed.stderr.splitlines() if x.startswith("error: rank ")), "")
+    assert " failed: ModelError: " in line, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr and "ChildFailedError" not in failed.stderr, failed.stderr[-3000:]

@@ -15,13 +15,16 @@ import threading
 import webbrowser
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunewise import rundir
 from tunewise.cli.printers import Printer, console, err_console, fmt, say
 from tunewise.config import Config, load_config, starter_config_text
 from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
 from tunewise.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tunewise.cli.accelerate_launch import AccelerateSetup
 
 out = Printer()
 
@@ -86,6 +89,21 @@ LAUNCH_OPTIONS = (
         metavar="HOST:PORT",
         help="torchrun's rendezvous form (c10d) instead of --node-rank/--master-*: ranks are given as "
         "machines join",
+    ),
+    option(
+        "--launcher",
+        choices=("torchrun", "accelerate"),
+        default="torchrun",
+        help="what starts the processes: torchrun (the --nproc/--nnodes flags) or accelerate launch "
+        "(--accelerate-config)",
+    ),
+    option(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="with --launcher accelerate: the accelerate config (num_processes over every machine, "
+        "num_machines, machine_rank, main_process_ip/port); on the CPU: distributed_type: MULTI_GPU, "
+        "use_cpu: true",
     ),
 )
 LAUNCH_DESTS = frozenset(opt.dest for opt in LAUNCH_OPTIONS)
@@ -219,6 +237,7 @@ class Launch:
     master_addr: str | None = None
     master_port: int | None = None
     rdzv_endpoint: str | None = None
+    accelerate: AccelerateSetup | None = None  # --launcher accelerate: its config file says the rest
 
     @property
     def world_size(self) -> int:
@@ -227,8 +246,9 @@ class Launch:
 
     @property
     def needed(self) -> bool:
-        """More than one process, or a rendezvous named: the run goes through torchrun."""
-        return self.world_size > 1 or bool(self.master_addr or self.master_port or self.rdzv_endpoint)
+        """More than one process, a rendezvous named, or accelerate: the run goes through a launcher."""
+        named = bool(self.master_addr or self.master_port or self.rdzv_endpoint)
+        return self.world_size > 1 or named or self.accelerate is not None
 
     def torchrun_args(self, run_id: str) -> list[str]:
         """torchrun's own arguments (before the command it runs)."""
@@ -254,6 +274,8 @@ def launch_settings(args: argparse.Namespace) -> Launch:
         ConfigError: every mistake, each with its fix (a node rank past the nodes, a rank without the
             nodes, a bad port, a multi-node run without a rendezvous address, ...).
     """
+    if args.launcher == "accelerate" or args.accelerate_config is not None:
+        return _accelerate_settings(args)
     problems = [*_count_problems(args), *_rendezvous_problems(args)]
     if problems:
         raise ConfigError(problems)
@@ -264,6 +286,66 @@ def launch_settings(args: argparse.Namespace) -> Launch:
         master_addr=args.master_addr,
         master_port=args.master_port,
         rdzv_endpoint=args.rdzv_endpoint,
+    )
+
+
+def _accelerate_settings(args: argparse.Namespace) -> Launch:
+    """`--launcher accelerate --accelerate-config FILE`: where the processes are comes from the file.
+
+    Raises:
+        ConfigError: the flags that do not go together, or what is wrong with the file.
+    """
+    from tunewise.cli.accelerate_launch import read_accelerate_config
+
+    if args.launcher != "accelerate":
+        raise ConfigError(
+            [
+                f"--accelerate-config {args.accelerate_config} without --launcher accelerate: add "
+                "--launcher accelerate to start the processes with `accelerate launch`, or remove "
+                "--accelerate-config to use torchrun (--nproc N)"
+            ]
+        )
+    if args.accelerate_config is None:
+        raise ConfigError(
+            [
+                "--launcher accelerate needs --accelerate-config FILE: the accelerate config that says how "
+                "many processes (write one with `accelerate config --config_file acc.yaml`)"
+            ]
+        )
+    given = [
+        flag
+        for flag, value, default in (
+            ("--nproc", args.nproc, 1),
+            ("--nnodes", args.nnodes, 1),
+            ("--node-rank", args.node_rank, None),
+            ("--master-addr", args.master_addr, None),
+            ("--master-port", args.master_port, None),
+            ("--rdzv-endpoint", args.rdzv_endpoint, None),
+        )
+        if value != default
+    ]
+    setup, problems = read_accelerate_config(args.accelerate_config)
+    if given:
+        problems.insert(
+            0,
+            f"{' '.join(given)} with --launcher accelerate: the accelerate config says where the processes "
+            "are (num_processes over every machine, num_machines, machine_rank, main_process_ip/port); "
+            f"remove {'/'.join(given)}, or drop --launcher accelerate to launch with torchrun",
+        )
+    if setup is not None and setup.num_machines > 1 and not _named(args):
+        problems.append(
+            "a run over several machines needs its name on the command line, the same on every machine "
+            "(e.g. name=run-$SLURM_JOB_ID): each machine would otherwise pick its own"
+        )
+    if problems or setup is None:
+        raise ConfigError(problems)
+    return Launch(
+        nproc=setup.nproc,
+        nnodes=setup.num_machines,
+        node_rank=setup.machine_rank,
+        master_addr=setup.main_process_ip,
+        master_port=setup.main_process_port or None,
+        accelerate=setup,
     )
 
 
@@ -393,6 +475,7 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     launch = launch_settings(args)
     report = run_check(cfg, processes=launch.world_size)
     _refuse_sharding(cfg, report.plan, launch)
+    _refuse_accelerate_precision(launch, report.plan)
     out.check(report, brief=True)
     run_dir = rundir.make_run_dir(cfg)  # the run's name, chosen once for every process
     if report.failed and not args.force:
@@ -401,13 +484,19 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
             style="bold red",
         )
         return 1
-    cmd = [*launch.torchrun_args(cfg.name or run_dir.name), "-m", "tunewise.cli", *relaunch_argv(args, cfg)]
+    argv = relaunch_argv(args, cfg)
+    cmd = [*launch.torchrun_args(cfg.name or run_dir.name), "-m", "tunewise.cli", *argv]
     where = (
         f" on node {launch.node_rank} of {launch.nnodes}"
         if launch.nnodes > 1 and not launch.rdzv_endpoint
         else ""
     )
-    say(f"launching {launch.nproc} process(es){where}, {launch.world_size} in all: torchrun {' '.join(cmd)}")
+    shown = (
+        f"accelerate launch --config_file {launch.accelerate.path} -m tunewise.cli {' '.join(argv)}"
+        if launch.accelerate
+        else f"torchrun {' '.join(cmd)}"
+    )
+    say(f"launching {launch.nproc} process(es){where}, {launch.world_size} in all: {shown}")
     with tempfile.TemporaryDirectory(prefix="tunewise-launch-") as tmp:
         check_file = Path(tmp) / rundir.CHECK
         rundir.write_json(check_file, report.to_dict())
@@ -416,7 +505,10 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
             CHECK_ENV: str(check_file),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         }
-        failure = _torchrun(cmd, env, launch)
+        if launch.accelerate:
+            failure = _accelerate(launch.accelerate.path, argv, env, launch)
+        else:
+            failure = _torchrun(cmd, env, launch)
     if failure:
         if not failure.startswith(PEER_SAID):  # this machine's own: the others may be waiting for it
             _tell_the_other_machines(launch, failure)
@@ -432,18 +524,44 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if result["status"] == "completed" else 1
 
 
+def _refuse_accelerate_precision(launch: Launch, plan: dict[str, Any]) -> None:
+    """An accelerate config whose mixed_precision is not the run's: an error before any process starts."""
+    from tunewise.cli.accelerate_launch import precision_problem
+
+    if launch.accelerate is None:
+        return
+    problem = precision_problem(launch.accelerate, str((plan.get("hardware") or {}).get("precision", "fp32")))
+    if problem:
+        raise ConfigError([problem])
+
+
 def _torchrun(cmd: list[str], env: dict[str, str], launch: Launch | None = None) -> str | None:
-    """Run torchrun in this process with `env` added for its processes; None, or what the failed rank said.
+    """Run torchrun in this process with `env` added for its processes; None, or what the failed rank said."""
+    from torch.distributed.run import parse_args as torchrun_parse_args
+    from torch.distributed.run import run as torchrun_run
+
+    return _launched(lambda: torchrun_run(torchrun_parse_args(cmd)), env, launch)
+
+
+def _accelerate(config_file: str, argv: list[str], env: dict[str, str], launch: Launch) -> str | None:
+    """`accelerate launch --config_file FILE` in this process; None, or what the failed rank said."""
+    from tunewise.cli.accelerate_launch import accelerate_launch
+
+    return _launched(lambda: accelerate_launch(config_file, argv), env, launch)
+
+
+def _launched(start: Any, env: dict[str, str], launch: Launch | None) -> str | None:
+    """Run a launcher (`start`: torchrun's or accelerate's, in this process) with `env` added for its
+    processes; None, or what the failed rank said.
 
     Over several machines a watcher listens at the rendezvous for another machine's failure: a rank
     that died before the process group formed would leave this machine's ranks waiting for it.
     """
     import logging
+    import subprocess
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args as torchrun_parse_args
-    from torch.distributed.run import run as torchrun_run
 
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -454,9 +572,11 @@ def _torchrun(cmd: list[str], env: dict[str, str], launch: Launch | None = None)
     try:
         if watch:
             watch.start()
-        torchrun_run(torchrun_parse_args(cmd))
+        start()
     except ChildFailedError as exc:
         return rank_failure(exc)
+    except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher: no error file
+        return f"rank 0 failed: exit code {exc.returncode}; its output above says why"
     except SignalException as exc:  # Ctrl-C, a scheduler's SIGTERM, or the watcher: the processes are stopped
         if watch and watch.peer_failure:
             return f"{PEER_SAID}{watch.peer_failure}; this machine's processes were stopped with it"
