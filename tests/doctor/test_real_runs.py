@@ -83,13 +83,6 @@ def test_corpus_holdout_meets_the_accuracy_target() -> None:
     check_targets("holdout", ("accuracy",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #14's false-alarm target is NOT met on holdout (measured 2026-12-01: 1 false alarm in 39 "
-    "healthy runs > 1 in 50, miguel_alessio; macro-recall 87.5% >= 85%, one miss: crystal_text_llm). The "
-    "rules were never tuned on holdout; the TRACE run (a miss before) moved to dev when the "
-    "weights_unchanged rule was written after reading it. Strict: red the day the targets are met.",
-)
 def test_corpus_holdout_meets_the_recall_and_false_alarm_targets() -> None:
     check_targets("holdout", ("macro_recall", "false_alarms"))
 

@@ -169,7 +169,7 @@ def _settle(watcher: CurveWatcher) -> None:
                 "info",
                 f"{f.title}; a single blip, back by step {ended[('loss_spike', f.step)]}",
             )
-        if f.code == "overfitting" and not watcher.overfitting.still_above_best():
+        if f.code in ("overfitting", "memorization") and not watcher.overfitting.still_above_best():
             f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
         if f.code == "grad_norm_spike" and _blip(watcher, f.step):
             f.severity, f.title = "info", f"{f.title}; the loss did not follow it"

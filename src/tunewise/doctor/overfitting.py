@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 GAP_LIMIT, MEMORIZED_TRAIN, MEMORIZED_EVAL = 0.3, 0.1, 1.0
 EPOCH_DROP, EPOCH_DROP_MIN, EVAL_RISE = 0.10, 0.05, 0.03
 EVAL_DEGRADE, EVAL_RISING, TRAIN_FELL = 1.5, 1.2, 0.05
-EVAL_SUSTAINED, SUSTAINED_EVALS = 0.01, 3
+EVAL_SUSTAINED, SUSTAINED_EVALS, TRAIN_LEVEL_POINTS = 0.01, 3, 5
 
 
 class _Eval(NamedTuple):
@@ -44,6 +44,7 @@ class _Eval(NamedTuple):
     train: float | None  # recent train loss, for the gap
     train_se: float  # its standard error
     epoch: float | None
+    level: float | None = None  # the train loss's level at this eval (robust median), to compare evals by
 
 
 class OverfittingRules:
@@ -72,7 +73,7 @@ class OverfittingRules:
         if not finite(eval_loss):
             return self._non_finite(step, eval_loss)
         self.watch.close("eval_non_finite", step)
-        self.evals.append(_Eval(step, eval_loss, *self._recent_train(), epoch))
+        self.evals.append(_Eval(step, eval_loss, *self._recent_train(), epoch, self._train_level(step)))
         if eval_loss <= min(e.loss for e in self.evals):
             self.watch.close("overfitting", step)
         new = self._check_eval_rising(step) + self._check_sustained(step) + self._check_gap(step)
@@ -83,10 +84,14 @@ class OverfittingRules:
         return len(self.evals) >= 2 and self.evals[-1].loss < (1 - fraction) * self.evals[0].loss
 
     def still_above_best(self) -> bool:
-        """At the end: the last eval is still more than EVAL_RISE above the best, or the rise is sustained."""
+        """At the end: the last eval is still more than EVAL_RISE above the best, or the rise is sustained,
+        and train loss fell since the best (overfitting is train improving while eval worsens: an eval that
+        drifts up while train has plateaued too is a plateau, not overfitting)."""
         if not self.evals:
             return False
-        return self.evals[-1].loss > (1 + EVAL_RISE) * min(e.loss for e in self.evals) or self._sustained()
+        best = min(self.evals, key=lambda e: e.loss)
+        above = self.evals[-1].loss > (1 + EVAL_RISE) * best.loss or self._sustained()
+        return above and self._train_fell(best, self.evals[-1])
 
     def _sustained(self) -> bool:
         """The last SUSTAINED_EVALS evals, all after the best, are above it by EVAL_SUSTAINED; train fell."""
@@ -125,6 +130,36 @@ class OverfittingRules:
         return [Finding(step, "warning", "eval_non_finite", title, evidence, *advice)]
 
     def finish(self) -> list[Finding]:
+        """At the end of the run: an eval degradation that train loss later outlearned, and eval_rising."""
+        return self._degradation_was_overfitting() + self._ended_rising()
+
+    def _degradation_was_overfitting(self) -> list[Finding]:
+        """An open eval_degradation whose train loss fell well below its level at the best eval by the end:
+        the model kept learning the train set while eval worsened, which is overfitting, not a divergence
+        (when it fired, train had not fallen yet)."""
+        if "eval_degradation" not in self.watch.open_episodes or not self.evals:
+            return []
+        best, now = min(self.evals, key=lambda e: e.loss), self.evals[-1]
+        if not self._train_fell(best, now):
+            return []
+        self.watch.open_episodes.pop("eval_degradation")
+        began = self.watch.open("overfitting", now.step)  # False: an overfitting finding already says it
+        for f in self.watch.findings:
+            if f.code == "eval_degradation" and f.severity == "error":
+                f.severity = "info"
+                f.title += f"; train loss then fell to {num(now.train)}: overfitting, not a divergence"
+        if not began:
+            return []
+        title = (
+            f"eval loss ended at {num(now.loss)} (step {now.step}), {now.loss / best.loss:.1f}x its best "
+            f"{num(best.loss)} at step {best.step}, while train loss fell from "
+            f"{num(self._train_at(best))} to {num(now.train)}: the training set is being memorized"
+        )
+        evidence = {"step": now.step, "eval_loss": now.loss, "train_loss": now.train, **self._best_eval()}
+        evidence["train_loss_at_best"] = self._train_at(best)
+        return [Finding(now.step, "warning", "overfitting", title, evidence, *self.advice())]
+
+    def _ended_rising(self) -> list[Finding]:
         """eval_rising: the run ended worse on held-out data than at its best, not learning the train set."""
         if len(self.evals) < 3 or "eval_degradation" in self.watch.open_episodes:
             return []
@@ -146,9 +181,30 @@ class OverfittingRules:
         }
         return [Finding(now.step, "warning", "eval_rising", title, evidence, *self._divergence_advice())]
 
-    @staticmethod
-    def _train_fell(best: _Eval, now: _Eval) -> bool:
-        return best.train is not None and now.train is not None and now.train < (1 - TRAIN_FELL) * best.train
+    def _train_fell(self, best: _Eval, now: _Eval) -> bool:
+        """Train loss at `now` is more than TRAIN_FELL below its level at the `best` eval."""
+        before, after = self._train_at(best), self._train_at(now)
+        return before is not None and after is not None and after < (1 - TRAIN_FELL) * before
+
+    def _train_level(self, step: int) -> float | None:
+        """The median of the train losses since the previous eval, and of at least the last
+        TRAIN_LEVEL_POINTS or a tenth of the run so far: one noisy log (train and eval logged at the same
+        cadence leave one train loss between evals) or the steep start of a run (the mean of the losses
+        before an early eval) does not decide whether train fell."""
+        since = self.evals[-1].step if self.evals else -1
+        upto = [(s, x) for s, x in self.watch.losses if s <= step]
+        recent = [x for s, x in upto if s > since]
+        least = max(TRAIN_LEVEL_POINTS, len(upto) // 10)
+        if len(recent) < least:
+            recent = [x for _, x in upto[-least:]]
+        return statistics.median(recent) if recent else None
+
+    def _train_at(self, e: _Eval) -> float | None:
+        """The train loss's level at an eval, else (an eval before any train log, e.g. every epoch with
+        train logged every 500 steps) the first train loss logged after it."""
+        if e.level is not None:
+            return e.level
+        return next((x for step, x in self.watch.losses if step > e.step), None)
 
     def _divergence_advice(self) -> Advice:
         w = self.watch
