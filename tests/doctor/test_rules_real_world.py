@@ -294,6 +294,48 @@ def test_clear_eval_rise_is_still_overfitting() -> None:
     assert diagnose_curve(curve_of(losses, evals=evals)).verdict == "overfitting"
 
 
+def test_eval_drifting_up_while_train_has_plateaued_too_is_not_overfitting() -> None:
+    """Overfitting is train improving while eval worsens: a 5% eval drift with train flat is a plateau,
+    even when one noisy train log between evals happens to be lower (train and eval at the same cadence)."""
+    losses = falling(60, start=0.7, floor=0.3, tau=8, noise=0.0) + noisy(90, 0.30, 0.04, seed=3)
+    evals = {
+        s: max(0.29, 0.7 - 0.008 * s) + (0.015 * (s - 90) / 60 if s > 90 else 0.0) for s in range(10, 151, 10)
+    }
+    d = diagnose_curve(curve_of(losses, evals=evals))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    losses = falling(60, start=0.7, floor=0.3, tau=8, noise=0.0) + falling(90, 0.3, 0.15, tau=30, noise=0.0)
+    assert diagnose_curve(curve_of(losses, evals=evals)).verdict == "overfitting"  # train fell: it is
+
+
+def test_eval_degradation_that_train_later_outlearns_is_overfitting_not_divergence() -> None:
+    """Eval 1.5x its best while train is still noisy (a live degradation), then train falls to ~0 as eval
+    keeps rising: the model memorized the train set."""
+    losses = noisy(60, 0.10, 0.005, seed=1) + falling(40, start=0.10, floor=0.005, tau=8, noise=0.0)
+    evals = {s: 0.6 + 0.9 * s / 100 for s in range(10, 101, 10)}
+    d = diagnose_curve(curve_of(losses, evals=evals))
+    assert d.verdict == "overfitting", (d.summary, serious(d))
+    degraded = [f for f in d.findings if f.code == "eval_degradation"]
+    assert degraded and degraded[0].severity == "info" and "not a divergence" in degraded[0].title
+    still = noisy(100, 0.10, 0.005, seed=1)  # train never falls: the same evals are a divergence
+    assert diagnose_curve(curve_of(still, evals=evals)).verdict == "diverged"
+
+
+def test_an_eval_before_the_first_train_log_compares_with_the_train_loss_after_it() -> None:
+    losses = falling(9, start=0.9, floor=0.001, tau=1.5, noise=0.0)  # train logged every 50 steps
+    evals = {s: 0.82 + 0.01 * i for i, s in enumerate(range(45, 451, 45))}  # every 45: the first at 45
+    evals[450] = 1.29
+    d = diagnose_curve(curve_of(losses, every=50, evals=evals))
+    assert d.verdict == "overfitting", (d.summary, serious(d))
+
+
+def test_memorization_that_eval_recovers_from_by_the_end_is_healthy() -> None:
+    losses = falling(160, start=1.5, floor=0.0002, tau=15, noise=0.0)
+    evals = {s: 0.63 for s in range(10, 161, 20)} | {90: 1.25, 110: 1.40, 130: 0.6, 150: 0.29, 160: 0.28}
+    d = diagnose_curve(curve_of(losses, evals=dict(sorted(evals.items()))))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    assert any(f.code == "memorization" and f.severity == "info" for f in d.findings)
+
+
 def test_grad_norm_nan_at_two_steps_with_a_smooth_loss_is_a_warning_and_healthy() -> None:
     losses = falling(80)
     grads: list[float | None] = [0.5] * 80
