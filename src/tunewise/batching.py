@@ -12,6 +12,14 @@
   - `padded`: each row right-padded to the micro-batch's longest example (tunewise.data.DataCollator).
   - `grouped`: padded, with the Trainer's length-grouped sampler (`train_sampling_strategy=group_by_length`).
 
+Whatever the batching, the output layer runs only where a token is trained (`TrainedLogits`): the positions
+whose next label is a loss target. A chat example's prompt is most of its tokens, and SmolLM2's output layer
+(49,152 x 576) is a fifth of its FLOPs, so the logits of prompt tokens, computed and thrown away by the loss,
+were the largest waste after padding. transformers' `logits_to_keep` (a boolean mask) selects the positions
+before the output layer, and `shift_labels` gives the loss the targets of exactly those positions; the loss,
+its normaliser and the gradients are the same (`trained_logits_problem` checks it on the loaded model, else
+every position keeps its logits and the notice says why).
+
 None of them changes the examples per step, so the plan's step count holds. Whether a model really keeps
 packed examples apart is not assumed: `packing_problem` runs the loaded model on a packed probe and checks
 that the second example's logits neither depend on the first example nor differ from running it alone; when
@@ -42,6 +50,8 @@ PACKED_SDPA = "tunewise_packed_sdpa"
 LEAK_TOLERANCE = 1e-3
 # Alone vs packed: other shapes round differently (bf16 most); a model that ignores position_ids is far off.
 POSITION_TOLERANCE = 5e-2
+# The same loss over fewer rows of the output layer: only the summation order differs.
+LOGITS_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------- attention per example
@@ -101,6 +111,8 @@ class BatchingChoice:
     used: Batching
     attention: str | None = None  # the model's attention implementation while training
     reason: str | None = None  # why padding_free fell back to padded
+    trained_logits_only: bool = False  # the output layer runs only on positions with a loss target
+    logits_reason: str | None = None  # why it runs on every position instead
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (plan.json's `batching`)."""
@@ -108,9 +120,10 @@ class BatchingChoice:
 
     def notice(self) -> str | None:
         """The one-line notice for a fallback."""
-        if self.reason is None:
-            return None
-        return f"data.batching: padding_free -> padded: {self.reason}"
+        notes = [f"data.batching: padding_free -> padded: {self.reason}"] if self.reason else []
+        if self.logits_reason:
+            notes.append(f"logits of every position are computed: {self.logits_reason}")
+        return "; ".join(notes) or None
 
 
 def _base(model: Any) -> Any:
@@ -175,6 +188,14 @@ def packing_problem(model: Any) -> str | None:
 
 
 def choose_batching(model: Any, requested: Batching) -> BatchingChoice:
+    """Decide the batching for this model (`_choose_rows`) and whether only trained positions get logits."""
+    choice = _choose_rows(model, requested)
+    choice.logits_reason = trained_logits_problem(model)
+    choice.trained_logits_only = choice.logits_reason is None
+    return choice
+
+
+def _choose_rows(model: Any, requested: Batching) -> BatchingChoice:
     """Decide the batching for this model; for padding_free, prove the model keeps examples apart.
 
     With sdpa attention the model is switched to `packed_sdpa_attention` (same results, less compute); a model
@@ -197,8 +218,66 @@ def choose_batching(model: Any, requested: Batching) -> BatchingChoice:
 def make_collator(choice: BatchingChoice, pad_token_id: int) -> Any:
     """The data collator for the batching in use."""
     if choice.used == "padding_free":
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollator(pad_token_id=pad_token_id)
+        rows: Any = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        rows = DataCollator(pad_token_id=pad_token_id)
+    return TrainedLogits(rows) if choice.trained_logits_only else rows
+
+
+# ----------------------------------------------------------------------------- logits where it is trained
+
+
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets): the positions whose next label is a loss target, and those labels, flattened in the
+    order the model flattens the kept positions (row-major). The model shifts labels by one; so does this."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[..., :-1] = labels[..., 1:] != -100
+    return mask, labels[..., 1:][mask[..., :-1]]
+
+
+class TrainedLogits:
+    """Wraps a collator: each batch also carries `logits_to_keep` (the trained positions, as a boolean mask)
+    and `shift_labels` (their targets), so the model's output layer and loss skip every other position."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        if "labels" in batch:
+            batch["logits_to_keep"], batch["shift_labels"] = trained_positions(batch["labels"])
+        return batch
+
+
+def trained_logits_problem(model: Any) -> str | None:
+    """Why this model cannot compute logits for the trained positions only; None when it can.
+
+    Not assumed from a signature: the loss of a probe batch with `logits_to_keep`/`shift_labels` must equal
+    the loss over every position (a model that ignored either would fail or give another loss).
+    """
+    base = _base(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no logits_to_keep"
+    vocab = int(getattr(base.config, "vocab_size", 0) or 0) or 1000
+    ids = torch.tensor([[(13 * i + 5) % vocab for i in range(12)]], device=next(model.parameters()).device)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[0, 9] = -100  # and a masked token inside the answer
+    mask, targets = trained_positions(labels)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            every = model(input_ids=ids, labels=labels).loss.float()
+            kept = model(input_ids=ids, labels=labels, logits_to_keep=mask, shift_labels=targets).loss.float()
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep every position's logits
+        return f"{type(base).__name__} failed with logits_to_keep ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(was_training)
+    if not torch.isclose(every, kept, rtol=LOGITS_TOLERANCE, atol=LOGITS_TOLERANCE):
+        name = type(base).__name__
+        return f"{name}'s loss changed with logits_to_keep ({float(every):.4f} -> {float(kept):.4f})"
+    return None
 
 
 def sampling_strategy(batching: Batching) -> str | None:

@@ -25,6 +25,7 @@ from tunewise.errors import DataError
 from tunewise.formats import load_conversations
 from tunewise.model import cpu_supports_bf16
 from tunewise.plan import Prepared, prepare
+from tunewise.sharding import sharding_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,6 +47,7 @@ NAMES = {  # item id -> what it asks, in the order of the checklist
     "evaluation": "evaluation during training",
     "checkpoints": "checkpoints fit on disk",
     "memory": "memory at step 1",
+    "sharding": "sharding per device",
     "learning_rate": "learning rate fits the method",
     "epochs": "epochs fit the dataset size",
     "duplicates": "no duplicates in the training set",
@@ -580,6 +582,20 @@ def _memory_item(cfg: Config, mem: dict | None) -> CheckItem:
     return _item("memory", status, detail, numbers, fix)
 
 
+def _sharding_item(mem: dict | None) -> CheckItem:
+    """What `training.fsdp`/`training.deepspeed` change per device, in one line."""
+    sharding = (mem or {}).get("sharding")
+    if not sharding:
+        return _item("sharding", "PASS", "none: each process holds the whole model (training.fsdp/deepspeed)")
+    numbers = {
+        k: sharding[k] for k in ("name", "processes", "sharded", "offloaded", "unsharded_peak", "peak")
+    }
+    if sharding["processes"] < 2 and sharding["sharded"]:
+        detail = sharding_line(sharding) + "; with one process there is nothing to shard over"
+        return _item("sharding", "WARN", detail, numbers, "launch with --nproc N (and --nnodes)")
+    return _item("sharding", "PASS", sharding_line(sharding), numbers)
+
+
 def _learning_rate_item(cfg: Config) -> CheckItem:
     """The rate against the doctor's bands for the method (tunewise.doctor.advice)."""
     lr, method = float(cfg.training["learning_rate"]), cfg.model.method
@@ -657,13 +673,15 @@ def _data_items(cfg: Config, prep: Prepared) -> tuple[list[CheckItem], dict[str,
     return items, {"lengths": {k: length.numbers[k] for k in ("p50", "p95", "p99", "max")}}
 
 
-def run_check(cfg: Config, processes: int = 1) -> CheckReport:
+def run_check(cfg: Config, processes: int = 1, machines: int | None = None) -> CheckReport:
     """The pre-flight checklist: data, lengths, labels, precision, memory, schedule, evaluation, disk.
+
+    `processes` counts every machine's; `machines` (default: torchrun's) matters to hybrid sharding only.
 
     Raises:
         DataError: the data cannot be loaded or encoded (a user error: the CLI exits 2).
     """
-    prep = prepare(cfg, processes)
+    prep = prepare(cfg, processes, machines=machines)
     plan, hw = prep.plan, prep.hw
     mem = plan.get("memory")
     data_items, lengths = _data_items(cfg, prep)
@@ -678,6 +696,7 @@ def run_check(cfg: Config, processes: int = 1) -> CheckReport:
         _evaluation_item(cfg, plan),
         _checkpoint_item(cfg, plan),
         _memory_item(cfg, mem),
+        _sharding_item(mem),
         _learning_rate_item(cfg),
         _epochs_item(plan),
         *data_items[2:],

@@ -566,6 +566,9 @@ def _build_training(
         if key not in fields:
             problems.add(path, f"is not a TrainingArguments field{_suggest(key, fields)}")
             continue
+        if key == "fsdp" and isinstance(value, bool):  # typed str, but `fsdp: true` is transformers' own form
+            out[key] = value or None
+            continue
         try:
             out[key] = _coerce(value, fields[key])
         except ValueError as exc:
@@ -620,6 +623,7 @@ def build_config(
         override_texts=problems.overrides,
     )
     _check_ranges(cfg, problems)
+    _check_sharding(cfg, problems)
     _check_run_name(cfg, problems)
     _check_text(data, problems)
     if problems.items:
@@ -668,6 +672,15 @@ def _check_text(data: dict[str, Any], problems: _Problems) -> None:
             seen.add(id(value))
             items = value.items() if isinstance(value, dict) else enumerate(value)
             stack.extend((v, (*path, str(k)) if isinstance(value, dict) else path) for k, v in items)
+
+
+def _check_sharding(cfg: Config, problems: _Problems) -> None:
+    """`training.fsdp`/`fsdp_config` and `training.deepspeed`: known options, JSON files that exist and
+    parse (a syntax error at its file:line), a ZeRO stage (tunewise.sharding reads them)."""
+    from tunewise.sharding import read_sharding
+
+    for key, message in read_sharding(cfg.training)[1]:
+        problems.add(("training", key), message)
 
 
 def _check_run_name(cfg: Config, problems: _Problems) -> None:

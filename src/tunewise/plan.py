@@ -10,6 +10,7 @@ accumulation at the end of an epoch still steps); the total is ceil(epochs x ste
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from tunewise.config import Config, validate_training_arguments
 from tunewise.data import DataBundle, build_datasets, ensure_pad_token
 from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware, resolve_model_path
+from tunewise.sharding import read_sharding, shard_memory
+from tunewise.training.distributed import machines_of_run
 
 GIB = 1024**3
 
@@ -118,6 +121,8 @@ def _model_shape(cfg: Config) -> dict[str, int] | None:
         "hidden": int(getattr(mconf, "hidden_size", 1)),
         "heads": int(getattr(mconf, "num_attention_heads", 1)),
         "vocab": int(getattr(mconf, "vocab_size", 1)),
+        # logits for the trained positions only (tunewise.batching.TrainedLogits), where the model allows it
+        "keeps_trained_logits": int("logits_to_keep" in inspect.signature(model.forward).parameters),
     }
 
 
@@ -129,9 +134,12 @@ def estimate_memory(
     seq: int,
     device: str = "cpu",
     eval_batch: int = 0,
+    trained_fraction: float = 1.0,
 ) -> dict[str, Any]:
     """Peak memory in bytes, by part: training at step 1 (with and without gradient checkpointing) and the
-    run's peak, which adds an evaluation forward of `eval_batch` examples (0: the run never evaluates)."""
+    run's peak, which adds an evaluation forward of `eval_batch` examples (0: the run never evaluates).
+    `trained_fraction`: the largest share of an example's positions that are trained; where the model
+    computes logits for those only, the logits scale with it."""
     method, b = cfg.model.method, BYTES.get(precision, 4)
     if method == "qlora":
         weights = shape["linear"] * 0.5 * 1.03 + shape["other"] * b  # NF4 + double-quantized scales
@@ -147,7 +155,8 @@ def estimate_memory(
     act_b = b if precision != "fp32" else 4
     s, h, L, a = seq, shape["hidden"], shape["layers"], shape["heads"]
     per_layer_full = batch * s * h * (34 + 5 * a * s / h) * act_b / 2  # Korthikanti et al., scaled to dtype
-    logits = batch * s * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
+    rows = trained_fraction if shape.get("keeps_trained_logits") else 1.0  # logits rows per position
+    logits = batch * s * rows * shape["vocab"] * 4 * 2  # fp32 logits and their gradient
     with_ckpt = L * batch * s * h * act_b + per_layer_full + logits
     without = L * per_layer_full + logits
     # The framework itself: the CUDA context on a GPU; the torch runtime and its allocator's slack on the CPU
@@ -158,7 +167,7 @@ def estimate_memory(
         cfg.training.get("gradient_checkpointing") or cfg.training.get("activation_checkpointing")
     )
     step_1 = fixed + (with_ckpt if use_ckpt else without)
-    evaluation = _evaluation_bytes(shape, eval_batch, seq, act_b)
+    evaluation = _evaluation_bytes(shape, eval_batch, seq * rows, act_b)
     return {
         "weights": int(weights),
         "adapter": int(adapter),
@@ -177,14 +186,15 @@ def estimate_memory(
         "batch": batch,
         "eval_batch": eval_batch,
         "seq_len": seq,
+        "logits_share": round(rows, 4),  # of the positions: only the trained ones where the model allows
     }
 
 
-def _evaluation_bytes(shape: dict[str, int], eval_batch: int, seq: int, act_b: int) -> int:
+def _evaluation_bytes(shape: dict[str, int], eval_batch: int, seq: float, act_b: int) -> int:
     """What an evaluation forward adds: no activations are kept (no_grad), but the logits of the whole eval
     batch are, in the compute dtype and again in fp32 for the loss (measured on the demo: 20 examples of
     SmolLM2's 49,152-token vocabulary add ~0.5 GB over step 1)."""
-    return eval_batch * seq * shape["vocab"] * (act_b + 4) if eval_batch else 0
+    return int(eval_batch * seq * shape["vocab"] * (act_b + 4)) if eval_batch else 0
 
 
 def _run_peak(step_1: float, activations: float, evaluation: float, device: str) -> float:
@@ -203,8 +213,13 @@ def plan_run(
     processes: int = 1,
     hw: Hardware | None = None,
     longest: int = 0,
+    trained_fraction: float = 1.0,
+    machines: int = 1,
 ) -> dict[str, Any]:
-    """The whole plan: steps, warmup, cadence, memory against the device; what plan.json records."""
+    """The whole plan: steps, warmup, cadence, memory against the device; what plan.json records.
+
+    `processes` counts every machine's; `machines` matters only to a sharding within each machine.
+    """
     t = cfg.training
     steps = plan_steps(
         n_train,
@@ -239,8 +254,18 @@ def plan_run(
             seq = min(longest or cfg.data.max_seq_length, cfg.data.max_seq_length)
             eval_batch = int(t.get("per_device_eval_batch_size", 8)) if evals else 0
             mem = estimate_memory(
-                cfg, shape, hw.precision, int(t["per_device_train_batch_size"]), seq, hw.device, eval_batch
+                cfg,
+                shape,
+                hw.precision,
+                int(t["per_device_train_batch_size"]),
+                seq,
+                hw.device,
+                eval_batch,
+                trained_fraction,
             )
+            sharding, _ = read_sharding(t)  # its problems are the config's (tunewise.config)
+            if sharding is not None:  # per device: what is sharded is 1/N of it
+                mem = shard_memory(mem, sharding, processes, machines, shape["layers"])
             mem["device_bytes"] = hw.memory_bytes
             mem["fraction_of_device"] = round(mem["peak"] / hw.memory_bytes, 4) if hw.memory_bytes else None
             plan["memory"] = mem
@@ -262,8 +287,12 @@ class Prepared:
     pad_before: int | None  # the tokenizer's own pad token id
 
 
-def prepare(cfg: Config, processes: int = 1, keep_untrained: bool = False) -> Prepared:
+def prepare(
+    cfg: Config, processes: int = 1, keep_untrained: bool = False, machines: int | None = None
+) -> Prepared:
     """Tokenizer, pad token, data, hardware choices and the plan, as `train` builds them.
+
+    `machines`: over how many machines the `processes` are (default: torchrun's, in a launched process).
 
     Raises:
         DataError: the data cannot be loaded or encoded.
@@ -276,7 +305,18 @@ def prepare(cfg: Config, processes: int = 1, keep_untrained: bool = False) -> Pr
     hw = resolve_hardware(cfg)
     validate_training_arguments(cfg, hw.trainer_arguments())  # what the run will build, before weights
     longest = max((len(e.input_ids) for e in bundle.train), default=0)
-    plan = plan_run(cfg, len(bundle.train), len(bundle.validation or []), processes, hw=hw, longest=longest)
+    examples = [*bundle.train, *(bundle.validation or [])]
+    trained = max((_trained_share(e.labels) for e in examples), default=1.0)
+    plan = plan_run(
+        cfg,
+        len(bundle.train),
+        len(bundle.validation or []),
+        processes,
+        hw,
+        longest,
+        trained_fraction=trained,
+        machines=machines_of_run() if machines is None else machines,
+    )
     plan["data"] = bundle.stats.to_dict()
     layers = quantized_layers(cfg, hw.device)
     if layers is not None:
@@ -286,10 +326,15 @@ def prepare(cfg: Config, processes: int = 1, keep_untrained: bool = False) -> Pr
     return Prepared(hw, tokenizer, bundle, plan, pad_added, pad_before)
 
 
-def plan_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
+def _trained_share(labels: list[int]) -> float:
+    """The share of an example's positions whose next label is a loss target (the model shifts by one)."""
+    return sum(label != -100 for label in labels[1:]) / max(len(labels), 1)
+
+
+def plan_config(cfg: Config, processes: int = 1, machines: int = 1) -> dict[str, Any]:
     """Steps, warmup, cadence, memory and data counts of a run; no model weights are loaded.
 
     Raises:
         DataError: the data cannot be loaded or encoded.
     """
-    return prepare(cfg, processes).plan
+    return prepare(cfg, processes, machines=machines).plan

@@ -150,7 +150,7 @@ def test_sharding_needs_gpus_and_processes_and_deepspeed_its_package(monkeypatch
     with pytest.raises(commands.ConfigError, match="shards over processes; launch with --nproc N"):
         commands._refuse_sharding(cfg, gpu, one)
     commands._refuse_sharding(cfg, gpu, commands.Launch(nproc=2))  # GPUs and processes: accepted
-    cfg = load_config(None, ["training.deepspeed=ds.json"])
+    cfg = load_config(None, ["training.deepspeed={zero_optimization: {stage: 2}}"])
     with pytest.raises(commands.ConfigError, match="pip install deepspeed"):
         commands._refuse_sharding(cfg, gpu, commands.Launch(nproc=2))
     commands._refuse_sharding(

@@ -17,12 +17,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from tunewise.batching import (
     PACKED_SDPA,
     BatchingChoice,
+    TrainedLogits,
     batch_counts,
     choose_batching,
     make_collator,
     packing_problem,
     record_choice,
     sampling_strategy,
+    trained_logits_problem,
+    trained_positions,
 )
 from tunewise.data import DataCollator
 from tunewise.plan import plan_steps
@@ -30,6 +33,7 @@ from tunewise.training import cost
 from tunewise.training.cost import peak_flops, step_cost
 
 VOCAB = 300
+TRAINED_ONLY = ("logits_to_keep", "shift_labels")  # what TrainedLogits adds to a batch
 
 
 def _tiny(attention: str = "sdpa", use_cache: bool = False, hidden: int = 64, layers: int = 2):
@@ -59,7 +63,7 @@ def _features(lengths: list[int], prompt: int = 3, seed: int = 1) -> list[dict[s
 
 def _example_losses(model, batch: dict, spans: list[tuple[int, int, int]]) -> torch.Tensor:
     """Summed token loss of each example; spans are (row, start, end) of the examples in the batch."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", *TRAINED_ONLY)}).logits
     labels = batch["labels"]
     losses = []
     for row, start, end in spans:
@@ -103,6 +107,74 @@ def test_packed_losses_and_gradients_equal_padded(attention):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding_free"])
+def test_logits_of_trained_positions_only_give_the_same_loss_and_gradients(batching):
+    """The output layer on the trained positions only: the model's loss (the Trainer's, with and without
+    num_items_in_batch) and every gradient equal those of logits at every position."""
+    model = _tiny()
+    features = _features([7, 19, 5, 12], prompt=4)
+    features[1]["labels"][9:11] = [-100, -100]  # a masked stretch inside an answer
+    choice = BatchingChoice(batching, batching)
+    every = make_collator(choice, pad_token_id=0)(features)
+    choice.trained_logits_only = True
+    kept = make_collator(choice, pad_token_id=0)(features)
+    assert set(kept) - set(every) == set(TRAINED_ONLY)
+    trained = int(batch_counts(every)["trained_tokens"])
+    assert int(kept["logits_to_keep"].sum()) == trained == kept["shift_labels"].numel()
+    assert (kept["shift_labels"] != -100).all()
+    for extra in ({}, {"num_items_in_batch": torch.tensor(trained + 3)}):
+        loss_every, grads_every = _loss_and_grads(model, {**every, **extra})
+        loss_kept, grads_kept = _loss_and_grads(model, {**kept, **extra})
+        torch.testing.assert_close(loss_kept, loss_every, rtol=1e-5, atol=1e-6)
+        assert grads_every.keys() == grads_kept.keys() and grads_every
+        for name in grads_every:
+            torch.testing.assert_close(grads_kept[name], grads_every[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trained_positions_follow_the_models_shift():
+    labels = torch.tensor([[-100, -100, 7, 8, -100, 9], [-100, 3, -100, -100, -100, -100]])
+    mask, targets = trained_positions(labels)
+    # position p is kept when label p + 1 is a target; the last position predicts nothing
+    assert mask.tolist() == [
+        [False, True, True, False, True, False],
+        [True, False, False, False, False, False],
+    ]
+    assert targets.tolist() == [7, 8, 9, 3]
+
+
+class _NoLogitsToKeep(LlamaForCausalLM):
+    def forward(self, input_ids=None, labels=None, position_ids=None):  # an older model's signature
+        return super().forward(input_ids=input_ids, labels=labels, position_ids=position_ids)
+
+
+class _IgnoresShiftLabels(LlamaForCausalLM):
+    def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+        return super().forward(input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep)
+
+
+def test_a_model_that_cannot_keep_trained_logits_computes_every_position_and_says_why():
+    assert trained_logits_problem(_tiny()) is None
+    config = _tiny().config
+    for cls, words in (
+        (_NoLogitsToKeep, "takes no logits_to_keep"),
+        (_IgnoresShiftLabels, "failed with logits_to_keep"),
+    ):
+        model = cls._from_config(config, attn_implementation="sdpa").float()
+        problem = trained_logits_problem(model)
+        assert problem is not None and words in problem, problem
+        choice = choose_batching(model, "padded")
+        assert not choice.trained_logits_only and choice.logits_reason == problem
+        assert choice.notice() == f"logits of every position are computed: {problem}"
+        assert not isinstance(make_collator(choice, pad_token_id=0), TrainedLogits)
+
+
 def test_sdpa_runs_attention_example_by_example_with_the_same_result():
     """The per-example sdpa path gives what transformers' block-diagonal mask gives."""
     features = _features([9, 3, 14])
@@ -144,7 +216,8 @@ def test_a_model_that_leaks_falls_back_to_padded_with_the_reason(caplog):
     assert (choice.requested, choice.used, choice.reason) == ("padding_free", "padded", problem)
     assert choice.notice() == f"data.batching: padding_free -> padded: {problem}"
     assert problem in caplog.text
-    assert isinstance(make_collator(choice, pad_token_id=0), DataCollator)
+    collator = make_collator(choice, pad_token_id=0)
+    assert isinstance(collator, TrainedLogits) and isinstance(collator.collator, DataCollator)
     assert packing_problem(_tiny("eager", use_cache=False)) is None  # the same model without a cache is fine
 
 
@@ -209,6 +282,8 @@ def test_record_choice_writes_plan_json(tmp_path):
         "used": "padded",
         "attention": "eager",
         "reason": "a reason",
+        "trained_logits_only": False,
+        "logits_reason": None,
     }
 
 

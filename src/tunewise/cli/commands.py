@@ -141,7 +141,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from tunewise.plan import plan_config
 
-    plan = plan_config(load_config(args.config, args.overrides), processes=args.nproc or 1)
+    processes, machines = _planned_world(args)
+    plan = plan_config(load_config(args.config, args.overrides), processes=processes, machines=machines)
     if args.json:
         print(json.dumps(plan, indent=2, default=str))
     else:
@@ -152,13 +153,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from tunewise.check import run_check
 
-    report = run_check(load_config(args.config, args.overrides), processes=args.nproc or 1)
+    processes, machines = _planned_world(args)
+    report = run_check(load_config(args.config, args.overrides), processes=processes, machines=machines)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         out.check(report)
         say("the loss falling by step 10 is watched live by the training monitor")
     return 1 if report.failed else 0
+
+
+def _planned_world(args: argparse.Namespace) -> tuple[int, int]:
+    """(every process, machines) of `plan`/`check --nproc N --nnodes M`: nproc x nnodes processes.
+
+    Raises:
+        ConfigError: a count below 1.
+    """
+    problems = [
+        f"{flag} is {value}: at least 1 (e.g. {flag} 2)"
+        for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes))
+        if value < 1
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return args.nproc * args.nnodes, args.nnodes
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -473,7 +491,7 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     from tunewise.check import run_check
 
     launch = launch_settings(args)
-    report = run_check(cfg, processes=launch.world_size)
+    report = run_check(cfg, processes=launch.world_size, machines=launch.nnodes)
     _refuse_sharding(cfg, report.plan, launch)
     _refuse_accelerate_precision(launch, report.plan)
     out.check(report, brief=True)

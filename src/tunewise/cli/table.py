@@ -22,7 +22,11 @@ NPROC = option(
     "--nproc",
     type=int,
     default=1,
-    help="data-parallel processes the run will use, over every machine (2 machines x 4 = --nproc 8)",
+    help="data-parallel processes the run will use: per machine with --nnodes, else over every machine "
+    "(2 machines x 4: --nproc 4 --nnodes 2, or --nproc 8)",
+)
+NNODES = option(
+    "--nnodes", type=int, default=1, help="machines the run will use (world size: nproc x nnodes)"
 )
 
 
@@ -56,12 +60,12 @@ COMMANDS: dict[str, Command] = {
     "plan": Command(
         commands.cmd_plan,
         "steps, warmup, cadence and memory of a run, before loading any weights",
-        (NPROC, JSON),
+        (NPROC, NNODES, JSON),
     ),
     "check": Command(
         commands.cmd_check,
         "the pre-flight checklist: PASS/WARN/FAIL per item with numbers and fixes",
-        (NPROC, JSON),
+        (NPROC, NNODES, JSON),
     ),
     "inspect": Command(
         commands.cmd_inspect,

@@ -27,6 +27,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def machines_of_run() -> int:
+    """The machines the processes are on: WORLD_SIZE over torchrun's LOCAL_WORLD_SIZE (1 without torchrun)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(world_size() // local, 1) if local else 1
+
+
 def _distributed() -> bool:
     """True inside a process group of more than one process (the Trainer initialises it)."""
     import torch.distributed as dist

@@ -336,8 +336,9 @@ class StepMonitor(TrainerCallback):
             "step_time": round(step_time, 4),
             "time": round(now - self.start, 3),
         }
+        record["memory_bytes"] = peak_memory_bytes()  # the peak so far: where a run's memory grows
         if state.global_step == 1:
-            record["memory_bytes"] = self.memory_step_1 = peak_memory_bytes()
+            self.memory_step_1 = record["memory_bytes"]
         self._write(record)
         self._add_to_totals(record)
         new = self.watcher.observe_train(
