@@ -41,6 +41,11 @@ ADAPTER, FULL_MODEL = "adapter", "model"  # the final adapter, or the model of a
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer checkpoints: checkpoint-<step>/
 MANIFEST = "tunewise-checkpoint.json"  # written last: its presence and sizes make a checkpoint complete
 STAGING = ".saving"  # where a checkpoint is written before it is renamed into place
+# Sharded checkpoints, as transformers' Trainer writes them (trainer.py `_save_checkpoint`; accelerate's
+# `save_fsdp_model`/`save_fsdp_optimizer`; DeepSpeed's `save_checkpoint`):
+FSDP_SHARDS = "pytorch_model_fsdp"  # FSDP SHARDED_STATE_DICT: pytorch_model_fsdp_0/, optimizer_0/ (DCP)
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint writes it once every rank's shard is written
+DEEPSPEED_LATEST = "latest"  # DeepSpeed: a file naming its tag directory, global_step<N>/
 
 
 @dataclass
@@ -194,11 +199,45 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
     return found
 
 
+def sharded_layout(folder: Path) -> str | None:
+    """Which sharded layout a checkpoint has ("FSDP", "DeepSpeed"), or None for a plain one."""
+    folder = Path(folder)
+    if any(p.is_dir() for p in folder.glob(f"{FSDP_SHARDS}*")) or (folder / f"{FSDP_SHARDS}.bin").is_file():
+        return "FSDP"
+    if (folder / DEEPSPEED_LATEST).is_file() or any(p.is_dir() for p in folder.glob("global_step*")):
+        return "DeepSpeed"
+    return None
+
+
+def _sharded_problem(folder: Path) -> str | None:
+    """What a sharded checkpoint lacks for the Trainer to resume from it, or None (also for a plain one).
+
+    FSDP's sharded state (torch.distributed.checkpoint) is complete once its .metadata is written; a
+    DeepSpeed checkpoint is the tag directory its `latest` file names, with the model states in it.
+    """
+    folder = Path(folder)
+    for shards in sorted([*folder.glob(f"{FSDP_SHARDS}*"), *folder.glob("optimizer_*")]):
+        if shards.is_dir() and not (shards / DCP_METADATA).is_file():
+            return f"its FSDP shards {shards.name}/ have no {DCP_METADATA} (the sharded save never finished)"
+    if sharded_layout(folder) != "DeepSpeed":
+        return None
+    latest = folder / DEEPSPEED_LATEST
+    if not latest.is_file():
+        return f"its DeepSpeed checkpoint has no `{DEEPSPEED_LATEST}` file naming its global_step directory"
+    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not tag or not (folder / tag).is_dir():
+        return f"its DeepSpeed `{DEEPSPEED_LATEST}` names {tag or 'nothing'}/, which is not there"
+    if not any((folder / tag).glob("*model_states.pt")):
+        return f"its DeepSpeed {tag}/ has no *model_states.pt"
+    return None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint directory does not count (in words), or None when it is complete.
 
     Complete means tunewise's manifest (written last, see tunewise/training/checkpoints.py) is there,
-    is for this step, and every file it lists has the size it was saved with.
+    is for this step, and every file it lists has the size it was saved with (the shards of an FSDP or
+    DeepSpeed checkpoint too: they are in its subdirectories), and a sharded layout is whole.
     """
     manifest = Path(folder) / MANIFEST
     if not manifest.is_file():
@@ -216,7 +255,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with (truncated)"
-    return None
+    return _sharded_problem(folder)
 
 
 def resumable(
@@ -240,7 +279,8 @@ def resumable(
             continue
         reason = checkpoint_problem(path)
         if foreign and not (path / MANIFEST).exists():
-            reason = None if (path / "trainer_state.json").is_file() else "it has no trainer_state.json"
+            has_state = (path / "trainer_state.json").is_file()
+            reason = _sharded_problem(path) if has_state else "it has no trainer_state.json"
         if reason is None:
             return path, skipped
         skipped.append(f"{path.name} skipped: {reason}")

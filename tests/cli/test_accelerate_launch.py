@@ -196,3 +196,19 @@ def test_a_failed_accelerate_rank_is_the_same_one_line(
     launch = commands.Launch(nproc=2, accelerate=read_accelerate_config(str(_write(tmp_path, CPU_PAIR)))[0])
     text = commands._accelerate(str(tmp_path / "acc.yaml"), ["train"], {}, launch)
     assert text == "rank 1 failed: ModelError: no weights"
+
+
+def test_an_accelerate_fsdp_config_on_the_cpu_is_refused_before_any_process_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tried: accelerate's FSDP type over 2 CPU processes trains DDP (MULTI_CPU is never made FSDP)
+    monkeypatch.delenv(commands.CHILD_ENV, raising=False)
+    launched = []
+    monkeypatch.setattr(commands, "_accelerate", lambda *a: launched.append(a))
+    fsdp = _write(tmp_path, CPU_PAIR.replace("MULTI_GPU", "FSDP"))
+    line = ["train", f"output_dir={tmp_path}", "name=x", "--launcher", "accelerate", "--accelerate-config"]
+    assert main([*line, str(fsdp)]) == 2
+    err = capsys.readouterr().err
+    assert f"--accelerate-config {fsdp} (distributed_type: FSDP): sharding needs GPUs" in err, err
+    assert "write distributed_type: MULTI_GPU with use_cpu: true in it" in err and not launched, err
+    assert not (tmp_path / "x").exists()

@@ -133,6 +133,8 @@ def test_sharding_where_it_cannot_shard_is_refused_before_any_process_starts(
     assert main(line) == 2  # the check runs for real on this machine (a CPU: accelerate shards only on GPUs)
     err = capsys.readouterr().err
     assert "training.fsdp: sharding needs GPUs" in err and "on cpu" in err and not launched, err
+    assert "What works: DDP on the CPU (remove training.fsdp and keep --nproc N)" in err, err  # and why
+    assert "would quietly train DDP" in err and "FSDP/DeepSpeed on CUDA GPUs" in err, err
     assert not (tmp_path / "x").exists()
 
 

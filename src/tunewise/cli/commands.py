@@ -438,28 +438,45 @@ def _named(args: argparse.Namespace) -> bool:
 def _refuse_sharding(cfg: Config, plan: dict[str, Any], launch: Launch) -> None:
     """FSDP and DeepSpeed where they cannot shard: an error before any process starts, not a silent DDP run.
 
-    accelerate turns FSDP on only for GPU-like devices: on the CPU the Trainer would quietly train plain
-    DDP with every weight on every process; and either needs more than one process to shard over.
+    accelerate turns FSDP on only for GPU-like devices: its CPU processes are MULTI_CPU, which it never
+    makes FSDP (accelerate/state.py), so the Trainer trains plain DDP with every weight in every process
+    (tried: `training.fsdp: full_shard`, and an accelerate config of type FSDP, over 2 CPU processes:
+    the model came back wrapped in DistributedDataParallel, unsharded). torch's own FSDP2 does shard
+    on the CPU with gloo, but not through the Trainer. Either engine needs more than one process.
 
     Raises:
-        ConfigError: `training.fsdp` or `training.deepspeed` set for a run that cannot shard.
+        ConfigError: `training.fsdp`, `training.deepspeed` or an accelerate FSDP/DeepSpeed config set for a
+            run that cannot shard.
     """
     import importlib.util
 
     device = (plan.get("hardware") or {}).get("device", "cpu")
+    asked = [  # (what asks for sharding, how the same run trains DDP on the CPU)
+        (f"training.{key}", f"remove training.{key} and keep --nproc N")
+        for key in ("fsdp", "deepspeed")
+        if cfg.training.get(key)
+    ]
+    acc = launch.accelerate
+    if acc is not None and acc.distributed_type in ("FSDP", "DEEPSPEED"):
+        asked.append(
+            (
+                f"--accelerate-config {acc.path} (distributed_type: {acc.distributed_type})",
+                "write distributed_type: MULTI_GPU with use_cpu: true in it",
+            )
+        )
     problems = []
-    for key in ("fsdp", "deepspeed"):
-        if not cfg.training.get(key):
-            continue
+    for what, instead in asked:
         if device != "cuda":
             problems.append(
-                f"training.{key}: sharding needs GPUs (accelerate enables {key} only on them); this run "
-                f"is on {device}, where it would quietly train unsharded: remove training.{key} to train "
-                "with DDP (--nproc N: every process holds the whole model), or run on GPUs"
+                f"{what}: sharding needs GPUs: accelerate turns FSDP and DeepSpeed on only for GPU-like "
+                f"devices, and this run is on {device}, where the Trainer would quietly train DDP with the "
+                "whole model in every process (torch's own FSDP2 shards on the CPU, but not through the "
+                f"Trainer). What works: DDP on the CPU ({instead}), or FSDP/DeepSpeed on CUDA GPUs"
             )
         elif launch.world_size < 2:
-            problems.append(f"training.{key}: shards over processes; launch with --nproc N (and --nnodes)")
-    if cfg.training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"{what}: shards over processes; launch with --nproc N (and --nnodes)")
+    wants_deepspeed = cfg.training.get("deepspeed") or any("DEEPSPEED" in what for what, _ in asked)
+    if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
         problems.append("training.deepspeed: the deepspeed package is not installed (pip install deepspeed)")
     if problems:
         raise ConfigError(problems)
