@@ -191,7 +191,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tunewise.check import run_check
-    from tunewise.training.distributed import is_main_process
+    from tunewise.training.distributed import is_main_process, leave_process_group
     from tunewise.training.run import TrainHooks, train
 
     launch = launch_settings(args)  # the flags' mistakes first, before anything loads
@@ -231,6 +231,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _rank_failed(exc, args.debug)  # the launcher names this rank and its message
     finally:
         progress.end()
+    if child:
+        leave_process_group()
     if child or not is_main_process():
         return 0  # a run that ended but did not complete is the launcher's to report (result.json)
     out.result(result)

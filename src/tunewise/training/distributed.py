@@ -68,3 +68,12 @@ def agree_on_max(code: int, device: torch.device | str | None = None) -> int:
     flag = torch.tensor([code], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before the process exits, as torch asks (NCCL warns at every exit
+    of a process that left its group to the interpreter's shutdown)."""
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
