@@ -124,3 +124,16 @@ def test_other_methods_and_backends_have_no_limits(narrow_model, tmp_path, monke
     monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: True)
     assert model_module.quantized_layers(_cfg(narrow_model, tmp_path, "model.method=lora"), "cpu") is None
     assert model_module.quantized_layers(_cfg(narrow_model, tmp_path), "cuda") is None
+
+
+@pytest.mark.parametrize(
+    ("training", "storage"),
+    [((), torch.uint8), (("training.fsdp=full_shard",), torch.bfloat16)],
+)
+def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype(training, storage):
+    """FSDP shards parameters of one dtype: bitsandbytes' FSDP-QLoRA setting packs the 4-bit weights into
+    the compute dtype; unsharded runs keep bitsandbytes' uint8 default."""
+    cfg = load_config(None, ["model.method=qlora", *training])
+    hw = model_module.Hardware("cuda", "NVIDIA A100", "bf16", "paged_adamw_8bit", 80 * 2**30)
+    config = model_module._quantization_config(cfg, hw)
+    assert config.bnb_4bit_quant_storage == storage and config.bnb_4bit_compute_dtype == torch.bfloat16

@@ -328,11 +328,15 @@ def _quantization_config(cfg: Config, hw: Hardware) -> BitsAndBytesConfig:
     skip = None
     if cfg.model.keep_unquantized:
         skip = _unquantized_patterns(cfg, _skeleton(cfg))
+    sharded = bool(cfg.training.get("fsdp")) or bool(cfg.training.get("deepspeed"))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(hw.precision),
+        # FSDP/ZeRO-3 shard parameters of one dtype: the packed 4-bit weights are stored in the compute
+        # dtype (bitsandbytes' FSDP-QLoRA setting) so they shard with the rest; uint8 otherwise (the default)
+        bnb_4bit_quant_storage=torch_dtype(hw.precision) if sharded else torch.uint8,
         llm_int8_skip_modules=skip,
     )
 
