@@ -143,3 +143,21 @@ def test_real_corpus_runs_of_each_format_are_read(kind: str) -> None:
         assert len(curve.train) >= 5 and all(p.step > 0 for p in curve.train), path
         context = read_context(path)
         assert context.get("method") in ("lora", "qlora", "full", "freeze", None), (path, context)
+
+
+def test_train_logs_that_carry_train_runtime_are_steps_and_the_summary_is_not(tmp_path: Path) -> None:
+    """Newer transformers (include_tokens_per_second) write train_runtime and train_tokens_per_second in
+    every train log; only the final summary (train_loss, no loss) is not a step."""
+    history = [
+        {"step": 5 * i, "loss": 1.7 - 0.03 * i, "grad_norm": 0.1, "learning_rate": 1e-4, "epoch": 0.01 * i}
+        | {"train_runtime": 15.7 * i, "train_tokens_per_second": 2380.0, "num_input_tokens_seen": 37408 * i}
+        for i in range(1, 11)
+    ]
+    history.insert(5, {"step": 25, "epoch": 0.05, "eval_loss": 1.6, "eval_runtime": 3.0})
+    history.append({"step": 50, "epoch": 0.1, "train_loss": 1.55, "train_runtime": 160.0, "total_flos": 1e15})
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history, "global_step": 50, "max_steps": 50}))
+    curve = load_curve(state)
+    assert [p.step for p in curve.train] == list(range(5, 51, 5))
+    assert [e.step for e in curve.eval] == [25]
+    assert diagnose_path(state).verdict == "healthy"

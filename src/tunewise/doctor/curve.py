@@ -224,13 +224,14 @@ def _read_trainer_state(path: Path) -> Curve:
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise DoctorError(f"{path}: no `log_history` list; expected a Hugging Face trainer_state.json")
-    # Skip the final summary entry (train_runtime, train_loss): it is not a step.
+    # Skip the final summary entry (train_runtime, train_loss and no loss): it is not a step. A train log
+    # may carry train_runtime too (newer transformers with include_tokens_per_second write it in every
+    # log, beside train_tokens_per_second): a record with a loss is a step.
     points = [
         _point(r, f"{path}: log_history[{i}]", train="loss" in r)
         for i, r in enumerate(history)
         if isinstance(r, dict)
-        and "train_runtime" not in r
-        and ("loss" in r or any(k.startswith("eval_") for k in r))
+        and ("loss" in r or ("train_runtime" not in r and any(k.startswith("eval_") for k in r)))
     ]
     max_steps = state.get("max_steps")
     return _curve(
