@@ -421,3 +421,21 @@ def test_doctor_command_prints_strict_json(tmp_path) -> None:
 
     data = json.loads(proc.stdout, parse_constant=refuse)
     assert data["verdict"] == "diverged" and data["evidence"]["loss_last_non_finite"] == "NaN"
+
+
+# ----------------------------------------------------------------------------- (5) one-step events
+
+
+def test_one_overflow_step_with_a_high_loss_on_a_falling_curve_is_healthy() -> None:
+    """A grad norm of inf at one log whose own batch loss is high (1.66 on a curve at 0.01), the loss back on
+    its curve at the next log: fp16's scaler skipped that update, nothing was damaged (LABELS H1/H2)."""
+    losses = falling(60, start=0.3, floor=0.001, tau=6, noise=0.0)
+    grads: list[float | None] = [0.05] * 60
+    losses[30], grads[30] = 1.66, math.inf
+    d = diagnose_curve(curve_of(losses, grads))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    overflow = next(f for f in d.findings if f.code == "non_finite")
+    assert overflow.severity == "info" and "overflow" in overflow.title
+    # The same overflow followed by a loss that stays up is not a skipped step: not healthy.
+    losses[31:36] = [1.5, 1.4, 1.45, 1.5, 1.42]
+    assert diagnose_curve(curve_of(losses, grads)).verdict != "healthy"

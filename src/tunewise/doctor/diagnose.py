@@ -13,12 +13,14 @@ any is an error.
 import dataclasses
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
 from tunewise.doctor.curve import Curve, finite, load_curve, read_context
+from tunewise.doctor.divergence import CALM_ABOVE, CALM_RATIO, MEDIAN_WINDOW
 from tunewise.doctor.findings import (
     SEVERITY_RANK,
     Advice,
@@ -164,6 +166,11 @@ def _settle(watcher: CurveWatcher) -> None:
             f.severity, f.title = "warning", f"{f.title} (recovered by step {ended[episode]})"
             if f.code == "eval_degradation":
                 f.severity = "info"  # the eval came back: no lasting harm
+            if f.code == "non_finite" and _one_overflow(watcher, f, ended[episode]):
+                f.severity = "info"
+                f.title += (
+                    ": one overflow step, its update skipped; the loss was back on its curve at the next log"
+                )
         if f.code == "loss_spike" and ("loss_spike", f.step) in ended and _small_spike(f):
             f.severity, f.title = (
                 "info",
@@ -173,6 +180,23 @@ def _settle(watcher: CurveWatcher) -> None:
             f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
         if f.code == "grad_norm_spike" and _blip(watcher, f.step):
             f.severity, f.title = "info", f"{f.title}; the loss did not follow it"
+
+
+def _one_overflow(watcher: CurveWatcher, f: Finding, ended: int) -> bool:
+    """A non-finite grad norm with a finite loss at one logged step, the next one finite: an overflow whose
+    update was skipped (fp16's loss scaler, or tunewise's monitor), however high that one batch's own loss
+    was. The model never took the step, so nothing was damaged; a loss that stayed high after it is judged
+    by the loss rules on its own."""
+    ev, step = f.evidence, f.step or 0
+    overflow = finite(ev.get("loss")) and not finite(ev.get("grad_norm", 0.0))
+    if not overflow or ev.get("nan_hidden_by_logging_filter"):
+        return False
+    before = [x for s, x in watcher.losses if s < step][-MEDIAN_WINDOW:]
+    after = next(((s, x) for s, x in watcher.losses if s > step), None)
+    if not before or after is None or after[0] != ended:
+        return False
+    ref = statistics.median(before)
+    return after[1] <= max(CALM_RATIO * ref, ref + CALM_ABOVE)  # back on the curve at the next log
 
 
 def _small_spike(f: Finding) -> bool:
