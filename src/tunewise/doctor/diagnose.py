@@ -178,9 +178,8 @@ def _settle(watcher: CurveWatcher) -> None:
             )
         if f.code in ("overfitting", "memorization") and not watcher.overfitting.still_above_best():
             f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
-    for f in watcher.findings:  # after the loss spikes are settled: a grad-norm spike is judged by them
         if f.code == "grad_norm_spike" and _blip(watcher, f.step):
-            f.severity, f.title = "info", f"{f.title}; the loss did not follow it beyond a blip"
+            f.severity, f.title = "info", f"{f.title}; the loss did not follow it"
 
 
 def _one_overflow(watcher: CurveWatcher, f: Finding, ended: int) -> bool:
@@ -207,18 +206,13 @@ def _small_spike(f: Finding) -> bool:
 
 
 def _blip(watcher: CurveWatcher, began: int | None) -> bool:
-    """A grad-norm spike that the loss did not follow: no loss spike within GRAD_BLIP_POINTS points of it,
-    or only ones settled as harmless blips (small, and back): a gradient burst is judged by what it did to
-    the loss, and a loss that came straight back says the updates did no lasting harm."""
+    """A grad-norm spike that the loss did not follow: no loss spike within GRAD_BLIP_POINTS points of it."""
     steps = [s for s, _ in watcher.losses]
     if began is None or began not in steps:
         return began is not None
     at = steps.index(began)
     near = set(steps[max(0, at - GRAD_BLIP_POINTS) : at + GRAD_BLIP_POINTS + 1])
-    return not any(
-        f.code in ("loss_spike", "loss_explosion") and f.step in near and f.severity != "info"
-        for f in watcher.findings
-    )
+    return not any(f.code in ("loss_spike", "loss_explosion") and f.step in near for f in watcher.findings)
 
 
 def _serious_codes(watcher: CurveWatcher) -> set[str]:
