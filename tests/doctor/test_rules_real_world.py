@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from doctor_curves import CurveWatcher, curve_of, falling, feed, fired, noisy
+from doctor_curves import Curve, CurveWatcher, EvalPoint, TrainPoint, curve_of, falling, feed, fired, noisy
 
 from tunewise.doctor.diagnose import diagnose_curve
 
@@ -439,3 +439,26 @@ def test_one_overflow_step_with_a_high_loss_on_a_falling_curve_is_healthy() -> N
     # The same overflow followed by a loss that stays up is not a skipped step: not healthy.
     losses[31:36] = [1.5, 1.4, 1.45, 1.5, 1.42]
     assert diagnose_curve(curve_of(losses, grads)).verdict != "healthy"
+
+
+def test_tiny_losses_that_repeat_by_rounding_while_grad_norms_move_are_not_unchanged_weights() -> None:
+    """Losses logged to 4 decimals at ~0.0013 take three values, so one epoch's losses 'repeat' the last
+    one's by chance; the grad norms, different at every repeat, show the weights are moving (the same batch
+    through the same weights would give the same gradient too). The eval rise is overfitting, not flat."""
+    per_epoch = 20
+    losses = [round(0.03 * math.exp(-i / 40) + 0.0015, 4) for i in range(200)]
+    losses += [(0.0013, 0.0014, 0.0013, 0.0012)[i % 4] for i in range(100)]  # the same at each place
+    grads = [round(0.02 + 0.01 * ((i * 13) % 7), 4) for i in range(300)]  # period 7: moves every epoch
+    train = [
+        TrainPoint(i + 1, loss, g, 4e-5, (i + 1) / per_epoch)
+        for i, (loss, g) in enumerate(zip(losses, grads, strict=True))
+    ]
+    evals = [0.0042, 0.0031, 0.0027, 0.0023, 0.0020, 0.0018, 0.0017, 0.0016, 0.0015, 0.00144]
+    evals += [0.0018, 0.0042, 0.0028, 0.0081, 0.0436]
+    curve = Curve(train, [EvalPoint(20 * (k + 1), x, k + 1.0) for k, x in enumerate(evals)], "test")
+    d = diagnose_curve(curve)
+    assert "weights_unchanged" not in codes(d), serious(d)
+    assert d.verdict == "overfitting", (d.summary, serious(d))
+    # The same losses with grad norms that repeat too are unchanged weights.
+    same = [TrainPoint(p.step, p.loss, grads[(p.step - 1) % per_epoch], p.lr, p.epoch) for p in train]
+    assert "weights_unchanged" in codes(diagnose_curve(Curve(same, [], "test")))

@@ -10,7 +10,10 @@
 - weights_unchanged: each batch's loss equals, within REPEAT_TOLERANCE, the loss logged at the same place
   of the epoch before, for REPEAT_POINTS points in a row (and the losses are not all one value): the
   same batches through the same weights. Nothing is being trained, though each loss is real. Only
-  data that is not reshuffled each epoch shows it (custom loops, `shuffle=False`); error at once.
+  data that is not reshuffled each epoch shows it (custom loops, `shuffle=False`); error at once. The
+  same batch through the same weights gives the same gradient too: where both points log a grad norm,
+  it must repeat within REPEAT_TOLERANCE as well (a loss rounded to the log's 4 decimals repeats by
+  chance at tiny values, 0.0013 against 0.0013, while the grad norms show the weights moved).
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ REPEAT_POINTS = 4  # points in a row that repeat the loss one epoch before: the 
 REPEAT_TOLERANCE = 1e-5  # relative: a frozen model repeats its losses to the last logged digit
 
 
+def _same(now: float | None, before: float | None) -> bool:
+    """Equal within REPEAT_TOLERANCE (relative); a value missing on either side does not contradict."""
+    if now is None or before is None:
+        return True
+    return abs(now - before) <= REPEAT_TOLERANCE * abs(before)
+
+
 class MaskingRules:
     """The masking family: counts the steps in a row that trained no token."""
 
@@ -37,7 +47,8 @@ class MaskingRules:
         self.watch = watch
         self.untrained: list[int] = []  # the current run of steps that trained no token
         self.zeros: list[tuple[int, float | None]] = []  # the current run of (step, grad norm) at loss 0.0
-        self.by_place: dict[tuple[int, float], tuple[int, float]] = {}  # (epoch, place in it) -> (step, loss)
+        # (epoch, place in it) -> (step, loss, grad norm)
+        self.by_place: dict[tuple[int, float], tuple[int, float, float | None]] = {}
         self.repeats: list[tuple[int, int, float]] = []  # a run of (step, its step an epoch before, loss)
 
     def trained(self, step: int) -> None:
@@ -68,17 +79,20 @@ class MaskingRules:
             return [self._zero_finding("error")]
         return []
 
-    def check_repeat(self, step: int, loss: float, epoch: float | None) -> list[Finding]:
-        """A finite, non-zero loss: does it repeat the loss at the same place of the epoch before?"""
+    def check_repeat(
+        self, step: int, loss: float, epoch: float | None, grad_norm: float | None = None
+    ) -> list[Finding]:
+        """A finite, non-zero loss: does it (and its grad norm, where both are logged) repeat the one at the
+        same place of the epoch before?"""
         if epoch is None or not math.isfinite(epoch) or loss == 0.0:
             return []
         whole = math.floor(epoch + 1e-9)
         place = round(epoch - whole, 3)
-        self.by_place[(whole, place)] = (step, loss)
+        self.by_place[(whole, place)] = (step, loss, grad_norm)
         earlier = self.by_place.get((whole - 1, place))
         if earlier is None:
             return []
-        if abs(loss - earlier[1]) > REPEAT_TOLERANCE * abs(earlier[1]):
+        if not (_same(loss, earlier[1]) and _same(grad_norm, earlier[2])):
             self.repeats = []
             return []
         self.repeats.append((step, earlier[0], loss))

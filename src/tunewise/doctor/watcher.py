@@ -129,7 +129,7 @@ class CurveWatcher:
         self.divergence.record(step, loss)
         self.overfitting.record(step, loss, epoch)
         new += self.progress.check(step) + self.divergence.check_degradation(step)
-        new += self.masking.check_repeat(step, loss, epoch)
+        new += self.masking.check_repeat(step, loss, epoch, None if grad_bad else grad_norm)
         return new + self.overfitting.check_epoch_drop(step)
 
     def observe_eval(self, step: int, eval_loss: float | None, epoch: float | None) -> list[Finding]:
