@@ -462,3 +462,25 @@ def test_tiny_losses_that_repeat_by_rounding_while_grad_norms_move_are_not_uncha
     # The same losses with grad norms that repeat too are unchanged weights.
     same = [TrainPoint(p.step, p.loss, grads[(p.step - 1) % per_epoch], p.lr, p.epoch) for p in train]
     assert "weights_unchanged" in codes(diagnose_curve(Curve(same, [], "test")))
+
+
+def test_one_batch_spike_on_a_curve_whose_batches_swing_widely_is_not_instability() -> None:
+    """A BERT-like classifier at a noisy ~0.06 (batches between 0.02 and 0.12: a 10-90% range over 50% of
+    the median) logs one batch at 1.16 and is back at once: one batch of a heavy-tailed curve (LABELS H4).
+    The same spike on a quiet curve stands out of its noise and still counts (unstable)."""
+    import random
+
+    rng = random.Random(7)
+    noisy_tail = [round(0.06 * math.exp(rng.gauss(0, 0.45)), 4) for _ in range(300)]
+    losses = falling(40, start=0.63, floor=0.06, tau=8, noise=0.0) + noisy_tail
+    losses[200] = 1.16
+    d = diagnose_curve(curve_of(losses, every=10))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    spike = next(f for f in d.findings if f.code == "loss_spike")
+    assert spike.severity == "info" and "one batch" in spike.title
+    quiet = falling(40, start=0.63, floor=0.06, tau=8, noise=0.0) + noisy(300, 0.06, 0.002, seed=7)
+    quiet[200] = 1.16
+    assert diagnose_curve(curve_of(quiet, every=10)).verdict == "unstable"
+    # Two batches in a row far above the curve are no single batch: they still count.
+    losses[201] = 0.9
+    assert diagnose_curve(curve_of(losses, every=10)).verdict == "unstable"

@@ -20,7 +20,14 @@ from typing import Any
 
 from tunewise.doctor.codes import DIVERGED_CODES, OVERFIT_CODES, UNSTABLE_CODES, Verdict
 from tunewise.doctor.curve import Curve, finite, load_curve, read_context
-from tunewise.doctor.divergence import CALM_ABOVE, CALM_RATIO, MEDIAN_WINDOW
+from tunewise.doctor.divergence import (
+    CALM_ABOVE,
+    CALM_RATIO,
+    MEDIAN_WINDOW,
+    MIN_NOISE_POINTS,
+    NOISE_WINDOW,
+    above_spike_line,
+)
 from tunewise.doctor.findings import (
     SEVERITY_RANK,
     Advice,
@@ -32,7 +39,7 @@ from tunewise.doctor.findings import (
     num,
     speak_finding,
 )
-from tunewise.doctor.progress import FLAT_BAND
+from tunewise.doctor.progress import FLAT_BAND, OSC_SPREAD, spread
 from tunewise.doctor.watcher import WATCHER_KEYS, CurveWatcher
 
 logger = logging.getLogger(__name__)
@@ -176,6 +183,9 @@ def _settle(watcher: CurveWatcher) -> None:
                 "info",
                 f"{f.title}; a single blip, back by step {ended[('loss_spike', f.step)]}",
             )
+        elif f.code == "loss_spike" and ("loss_spike", f.step) in ended and _noisy_batch(watcher, f):
+            f.severity = "info"
+            f.title += "; one batch of a curve whose batches swing widely: back under the spike line at once"
         if f.code in ("overfitting", "memorization") and not watcher.overfitting.still_above_best():
             f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
         if f.code == "grad_norm_spike" and _blip(watcher, f.step):
@@ -197,6 +207,25 @@ def _one_overflow(watcher: CurveWatcher, f: Finding, ended: int) -> bool:
         return False
     ref = statistics.median(before)
     return after[1] <= max(CALM_RATIO * ref, ref + CALM_ABOVE)  # back on the curve at the next log
+
+
+def _noisy_batch(watcher: CurveWatcher, f: Finding) -> bool:
+    """A loss spike of one log (the next log is back under the spike line) on a curve whose own per-batch
+    noise swings widely: the 10-90% range of the NOISE_WINDOW losses before it is over OSC_SPREAD of their
+    median (progress.py's "swinging widely"). Such a curve's batches have a heavy tail, so one batch far
+    above the median is its noise (LABELS H4), not instability; on a quiet curve the same spike stands out
+    and counts. (A swinging curve without a trend is caught by the oscillation rule on its own.)"""
+    steps = [s for s, _ in watcher.losses]
+    if f.step not in steps:
+        return False
+    at = steps.index(f.step)
+    before = [x for _, x in watcher.losses[max(0, at - NOISE_WINDOW) : at]]
+    if len(before) < MIN_NOISE_POINTS or at + 1 >= len(steps):
+        return False
+    low, ref = f.evidence.get("running_min"), f.evidence.get("recent_median")
+    if low is None or ref is None or above_spike_line(watcher.losses[at + 1][1], low, ref):
+        return False
+    return spread(before) > OSC_SPREAD
 
 
 def _small_spike(f: Finding) -> bool:

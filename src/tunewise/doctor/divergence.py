@@ -60,6 +60,14 @@ DEGRADE_RATIO, DEGRADE_OF_DROP, DEGRADE_SIGMAS, DEGRADE_POINTS = 1.5, 0.5, 3.0, 
 RISE_RATIO, RISE_OF_DROP, END_ABOVE = 1.2, 0.25, 0.2
 
 
+def above_spike_line(loss: float, low: float, ref: float) -> bool:
+    """SPIKE_RATIO x the running minimum `low` and SPIKE_ABOVE_MIN above it, or SPIKE_RATIO x the recent
+    median `ref` and SPIKE_ABOVE_MEDIAN above it (the noise margin aside)."""
+    return (loss > SPIKE_RATIO * low and loss > low + SPIKE_ABOVE_MIN) or (
+        loss > SPIKE_RATIO * ref and loss > ref + SPIKE_ABOVE_MEDIAN
+    )
+
+
 class DivergenceRules:
     """The divergence family; the watcher calls it for every point and at the end of the run."""
 
@@ -206,10 +214,7 @@ class DivergenceRules:
         window = self.calm[-NOISE_WINDOW:]
         center = statistics.median(window)
         sigma = 1.4826 * statistics.median(abs(x - center) for x in window)  # robust std of the noise
-        spiked = (loss > SPIKE_RATIO * low and loss > low + SPIKE_ABOVE_MIN) or (
-            loss > SPIKE_RATIO * ref and loss > ref + SPIKE_ABOVE_MEDIAN
-        )
-        if not spiked or loss <= ref + SPIKE_SIGMAS * sigma:
+        if not above_spike_line(loss, low, ref) or loss <= ref + SPIKE_SIGMAS * sigma:
             return []
         if loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN:
             return [self._begin_explosion(step, loss, ref, "running_min")]

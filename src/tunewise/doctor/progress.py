@@ -53,7 +53,7 @@ def _noise(values: list[float]) -> float:
     return statistics.stdev(v - (intercept + slope * i) for i, v in enumerate(values))
 
 
-def _spread(values: list[float]) -> float:
+def spread(values: list[float]) -> float:
     """The 10th-90th percentile range, as a fraction of the median."""
     level = statistics.median(values)
     if level <= 0 or len(values) < 2:
@@ -67,7 +67,7 @@ def _oscillating(values: list[float]) -> bool:
     if len(values) < FLAT_MIN_POINTS:
         return False
     start, now = _ends(values, "end")
-    return now > (1 - FLAT_BAND) * start and _spread(values[len(values) // 3 :]) > OSC_SPREAD
+    return now > (1 - FLAT_BAND) * start and spread(values[len(values) // 3 :]) > OSC_SPREAD
 
 
 class ProgressRules:
@@ -124,11 +124,11 @@ class ProgressRules:
     def _oscillation(self, step: int) -> Finding:
         values = [loss for _, loss in self.watch.losses]
         tail = values[len(values) // 3 :]
-        level, spread = statistics.median(tail), _spread(tail)
+        level, swing = statistics.median(tail), spread(tail)
         self.watch.open("oscillation", step)
         title = (
             f"loss swings without a trend: between {num(min(tail))} and {num(max(tail))} "
-            f"(median {num(level)}, a 10-90% range of {spread:.0%} of it) after {len(values)} "
+            f"(median {num(level)}, a 10-90% range of {swing:.0%} of it) after {len(values)} "
             "logged steps"
         )
         evidence = {
@@ -136,7 +136,7 @@ class ProgressRules:
             "median_loss": level,
             "low": min(tail),
             "high": max(tail),
-            "spread": spread,
+            "spread": swing,
             "points": len(values),
             "lr": self.watch.learning_rate or self.watch.peak_lr,
         }
