@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fixtures" / "real_runs"
-GROUPS = ("public", "issues", "smollm2", "fresh", "fresh2")
+GROUPS = ("public", "issues", "smollm2", "fresh", "fresh2", "fresh3")
 RESULTS = ROOT / "benchmarks" / "results" / "doctor.json"
 TUNEWISE = ROOT / ".venv" / "bin" / "tunewise"
 PEERS_VENV = ROOT / "benchmarks" / ".peers-venv"
