@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import webbrowser
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -549,6 +550,7 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     if failure:
         if not failure.startswith(PEER_SAID):  # this machine's own: the others may be waiting for it
             _tell_the_other_machines(launch, failure)
+        _record_failure(run_dir, failure)
         err_console.print(f"error: {failure}", markup=False, highlight=False)
         return 1
     result = rundir.read_json_object(run_dir / rundir.RESULT)
@@ -559,6 +561,13 @@ def _launch_distributed(args: argparse.Namespace, cfg: Config) -> int:
     if result.get("error"):
         say(str(result["error"]))
     return 0 if result["status"] == "completed" else 1
+
+
+def _record_failure(run_dir: Path, failure: str) -> None:
+    """result.json says `failed` with the failed rank's line, where rank 0 did not write one: the launcher
+    stops every process as soon as one fails, often before rank 0 has got to writing it."""
+    if run_dir.is_dir() and not rundir.read_json_object(run_dir / rundir.RESULT):
+        rundir.write_result(rundir.RunResult(run_dir=run_dir, status="failed", error=failure), time.time())
 
 
 def _refuse_accelerate_precision(launch: Launch, plan: dict[str, Any]) -> None:
@@ -711,8 +720,6 @@ class PeerWatch(threading.Thread):
 
 def _rank_failed(exc: Exception, debug: bool) -> int:
     """In a process torchrun started: write the error where torchrun reads it, for the launcher's one line."""
-    import time
-
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     message = f"{type(exc).__name__}: {exc}"
     if path:
