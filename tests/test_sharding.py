@@ -157,3 +157,14 @@ def test_check_says_what_full_shard_changes_over_nproc_x_nnodes(
     assert item["status"] == "PASS" and item["detail"].startswith(
         "full_shard over 4 processes: weights+gradients+optimizer 1/4 each: "
     )
+
+
+def test_plan_prints_what_the_sharding_changes_per_device(
+    tiny_model_dir: Path, small_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tiny_overrides(tiny_model_dir, small_data, tmp_path / "runs", {"model.method": "full"})
+    assert main(["plan", *base, "training.fsdp=full_shard", "--nproc", "2", "--nnodes", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "  sharding: full_shard over 4 processes: weights+gradients+optimizer 1/4 each: " in printed
+    assert main(["plan", *base]) == 0
+    assert "sharding:" not in capsys.readouterr().out  # nothing sharded: no line

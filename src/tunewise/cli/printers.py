@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 
 from tunewise import rundir
+from tunewise.sharding import sharding_line
 
 if TYPE_CHECKING:
     from tunewise.check import CheckReport
@@ -226,6 +227,8 @@ class Printer:
                 f"{mem['activations_without_checkpointing'] / GIB:.2f} without); "
                 f"{mem['trainable_parameters']:,} trainable of {mem['total_parameters']:,} parameters"
             )
+            if mem.get("sharding"):
+                say(f"  sharding: {sharding_line(mem['sharding'])}")
         quantization = plan.get("quantization")
         if quantization and quantization.get("problem"):
             say(f"  4-bit layers: {quantization['problem']}", style="bold red")
