@@ -123,3 +123,17 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, extra: dic
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# accelerate's config for two processes on the CPU (gloo): the type accelerate starts several local CPU
+# processes with (MULTI_CPU needs mpirun); tests of --launcher accelerate write it as their config file
+ACCELERATE_CPU_PAIR = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+main_process_port: 0
+mixed_precision: 'no'
+use_cpu: true
+"""

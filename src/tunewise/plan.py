@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from tunewise.config import Config, validate_training_arguments
-from tunewise.data import DataBundle, build_datasets, ensure_pad_token
+from tunewise.data import DataBundle, EncodedExample, build_datasets, ensure_pad_token
 from tunewise.model import Hardware, load_tokenizer, quantized_layers, resolve_hardware, resolve_model_path
 from tunewise.sharding import read_sharding, shard_memory
 from tunewise.training.distributed import machines_of_run
@@ -306,7 +306,7 @@ def prepare(
     validate_training_arguments(cfg, hw.trainer_arguments())  # what the run will build, before weights
     longest = max((len(e.input_ids) for e in bundle.train), default=0)
     examples = [*bundle.train, *(bundle.validation or [])]
-    trained = max((_trained_share(e.labels) for e in examples), default=1.0)
+    trained = max((_trained_share(e) for e in examples), default=1.0)
     plan = plan_run(
         cfg,
         len(bundle.train),
@@ -326,9 +326,11 @@ def prepare(
     return Prepared(hw, tokenizer, bundle, plan, pad_added, pad_before)
 
 
-def _trained_share(labels: list[int]) -> float:
-    """The share of an example's positions whose next label is a loss target (the model shifts by one)."""
-    return sum(label != -100 for label in labels[1:]) / max(len(labels), 1)
+def _trained_share(example: EncodedExample) -> float:
+    """The share of an example's positions whose next label is a loss target (the model shifts by one):
+    its trained labels less a trained first one, which no position predicts."""
+    shifted = example.n_trained - (example.labels[0] != -100 if example.labels else 0)
+    return shifted / max(len(example.labels), 1)
 
 
 def plan_config(cfg: Config, processes: int = 1, machines: int = 1) -> dict[str, Any]:

@@ -7,22 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ACCELERATE_CPU_PAIR as CPU_PAIR
 
 from tunewise.cli import commands, main
 from tunewise.cli.accelerate_launch import precision_problem, read_accelerate_config
 from tunewise.cli.table import parse_args
 from tunewise.config import load_config
-
-CPU_PAIR = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_processes: 2
-num_machines: 1
-machine_rank: 0
-main_process_port: 0
-mixed_precision: 'no'
-use_cpu: true
-"""
 
 
 def _write(tmp_path: Path, text: str, name: str = "acc.yaml") -> Path:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, tiny_overrides
+from conftest import ACCELERATE_CPU_PAIR, read_jsonl, tiny_overrides
 from test_divergence_stop import EXPLODES  # full fine-tuning at a constant 0.9: explodes by step 3
 
 from tunewise import rundir
@@ -192,18 +192,6 @@ def test_every_rank_loads_the_best_checkpoint_from_the_run_directory(
         assert rank["best"] == str(best) and rank["best_is_dir"], seen
     assert seen[0]["weights"] == pytest.approx(seen[0]["best_saved"], rel=1e-9)  # rank 0 loaded it
     assert seen[1]["weights"] == pytest.approx(seen[0]["weights"], rel=1e-9)  # ... and so did rank 1
-
-
-ACCELERATE_CPU_PAIR = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_processes: 2
-num_machines: 1
-machine_rank: 0
-main_process_port: 0
-mixed_precision: 'no'
-use_cpu: true
-"""
 
 
 @pytest.mark.slow
