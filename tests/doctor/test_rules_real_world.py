@@ -484,3 +484,96 @@ def test_one_batch_spike_on_a_curve_whose_batches_swing_widely_is_not_instabilit
     # Two batches in a row far above the curve are no single batch: they still count.
     losses[201] = 0.9
     assert diagnose_curve(curve_of(losses, every=10)).verdict == "unstable"
+
+
+# ----------------------------------------------------------------------------- fresh4/fresh5's misses
+
+
+def test_a_grad_norm_storm_whose_loss_blip_came_back_at_once_is_healthy() -> None:
+    """A Qwen LoRA logging every 5 steps: grad norms jump to 110x their median while the loss blips to 2.3x
+    its median for one log and is back at once (Miguel-Alessio/qwen-chess-lora). The gradient only matters
+    through what it did to the loss: nothing lasting. The same storm with a loss that leaves its curve for
+    good (a climb to 2.5x that stays) is no blip."""
+    losses = falling(400, start=1.2, floor=0.6, tau=60, noise=0.01)
+    grads = [0.37] * 400
+    losses[200], grads[199], grads[200], grads[202] = 1.5, 12.0, 41.0, 20.0
+    d = diagnose_curve(curve_of(losses, grads, every=5))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    assert any(f.code == "grad_norm_spike" and "came back at once" in f.title for f in d.findings)
+    stays = losses[:200] + [1.6] * 200
+    assert diagnose_curve(curve_of(stays, grads, every=5)).verdict != "healthy"
+
+
+def test_one_batch_over_the_first_steps_explosion_line_is_unstable_however_noisy_the_curve() -> None:
+    """A forecaster's per-100-iteration loss swings between 0.13 and 0.47 and logs one 2.14, back at once
+    (Secilia-Cxy/SOFTS#10): 7x the 0.28 it started at and over a nat above it, more than any batch's noise
+    (LABELS R6a). The same curve's batches under that line stay noise (the test above)."""
+    import random
+
+    rng = random.Random(3)
+    losses = [round(0.22 * math.exp(rng.gauss(0, 0.4)), 4) for _ in range(40)]
+    losses[:3] = [0.13, 0.28, 0.32]
+    losses[25] = 2.14
+    d = diagnose_curve(curve_of(losses, every=100))
+    assert d.verdict == "unstable", (d.summary, serious(d))
+    assert next(f for f in d.findings if f.code == "loss_spike").severity == "warning"
+    losses[25] = 0.8  # 2.9x the start: under the line, one batch of a noisy curve
+    spike = next(f for f in diagnose_curve(curve_of(losses, every=100)).findings if f.code == "loss_spike")
+    assert spike.severity == "info" and "one batch" in spike.title
+
+
+def test_one_eval_up_at_the_end_is_a_tick_not_a_rise_nor_a_degradation() -> None:
+    """A wav2vec2 classifier's eval swings 0.04-0.47 on its way down; only its last eval sits above the best
+    (1.4x; 1.5x for a Flan-T5 at 0.0014): one eval is a tick (LABELS R5's rule), not eval_rising nor an
+    eval_degradation. Two evals above the best, the run ending there, count."""
+    losses = falling(140, start=0.7, floor=0.05, tau=20, noise=0.0)
+    evals = {10 * k: round(0.5 * math.exp(-k / 3) + 0.04, 4) for k in range(1, 14)}
+    evals[140] = round(evals[130] * 1.6, 4)
+    d = diagnose_curve(curve_of([*losses[:139], 0.06], evals=evals))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    evals[130], evals[140] = round(evals[120] * 1.6, 4), round(evals[120] * 1.7, 4)
+    d = diagnose_curve(curve_of([*losses[:139], 0.06], evals=evals))
+    assert d.verdict in ("diverged", "unstable"), (d.summary, serious(d))
+
+
+def test_a_short_log_that_learned_then_climbed_back_diverged() -> None:
+    """8 logs of a Qwen3-4B QLoRA (paiml/entrenar#274): 15.5 -> 1.43, then 5.8, 7.1, 10.0 with the grad norm
+    at 70 when the user killed it. Too short for the smoothed degradation test, not above its start: the
+    climb from its low is the divergence. A short log that never fell from its start has nothing to lose."""
+    losses = [15.5, 13.0, 3.8, 2.39, 1.43, 5.82, 7.05, 10.03]
+    d = diagnose_curve(curve_of(losses, [42.7, 14.0, 24.4, 7.1, 7.7, 15.6, 15.3, 70.7], every=55))
+    assert d.verdict == "diverged" and "loss_degradation" in codes(d), (d.summary, serious(d))
+    assert diagnose_curve(curve_of([0.06, 0.11, 0.13, 0.10, 0.15, 0.21], every=10)).verdict != "diverged"
+
+
+def test_a_zero_loss_after_one_positive_log_is_too_little_to_call_a_nan() -> None:
+    """2 logs, 2.04 then 0.0, no grad norm (huggingface/trl#940: a collator that left no label): a hidden
+    NaN and nothing to train read the same, so 2 logs are insufficient data; with 5 logs of 0.0 after it
+    the hidden NaN stands (LABELS R2c); a logged NaN is a divergence however short the log."""
+    d = diagnose_curve(curve_of([2.04, 0.0], [None, None]))
+    assert d.verdict == "insufficient-data", (d.summary, serious(d))
+    assert diagnose_curve(curve_of([2.04] + [0.0] * 5, [None] * 6)).verdict == "diverged"
+    assert diagnose_curve(curve_of([2.04, math.nan], [0.5, math.nan])).verdict == "diverged"
+
+
+def test_a_climb_the_run_later_outlearned_is_healthy_but_one_that_only_came_back_is_not() -> None:
+    """A toxicity classifier: 0.14 -> 0.097, a climb to ~0.2 over 1,100 steps, back by step 2,400, then down
+    to 0.0005 (ser1q): a hard stretch on the way down, not instability. The same climb after which the loss
+    only returns to its old minimum still counts."""
+    down = [round(0.14 - 0.043 * i / 3, 4) for i in range(4)]
+    bump = [0.12, 0.15, 0.18, 0.2, 0.21, 0.2, 0.2, 0.21, 0.2, 0.2, 0.19, 0.2, 0.18, 0.15, 0.12, 0.1]
+    later = [round(0.09 * math.exp(-i / 15), 4) for i in range(80)]
+    d = diagnose_curve(curve_of(down + bump + later, every=100))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    back = down + bump + [0.125, 0.122, 0.124, 0.126, 0.123] * 16  # back to its old smoothed low (0.118)
+    assert diagnose_curve(curve_of(back, every=100)).verdict == "unstable"
+
+
+def test_the_healthy_summary_does_not_say_fell_for_a_loss_that_rose() -> None:
+    """A mid-run fragment judged healthy whose last log sits above its first (keras-team/keras#6102) was
+    summed up as "loss fell from 92863873 ... to 110019400"."""
+    from tunewise.doctor.diagnose import _summarize
+
+    ev = {"loss_first": 9.3e7, "first_step": 48, "loss_last": 1.1e8, "last_step": 63, "train_points": 16}
+    assert _summarize("healthy", [], ev).startswith("Healthy: loss went from 93000000")
+    assert _summarize("healthy", [], {**ev, "loss_last": 5e7}).startswith("Healthy: loss fell from 93000000")

@@ -200,6 +200,7 @@ THRESHOLDS: dict[str, tuple[str, ...]] = {
         "RISE_RATIO",
         "RISE_OF_DROP",
         "END_ABOVE",
+        "LEARNED_MIN",
     ),
     "tunewise.doctor.progress": (
         "NOT_FALLING_AT",
@@ -210,6 +211,7 @@ THRESHOLDS: dict[str, tuple[str, ...]] = {
         "MIN_FALL",
         "FLAT_MIN_POINTS",
         "OSC_SPREAD",
+        "OSC_MIN_POINTS",
     ),
     "tunewise.doctor.masking": ("NO_SIGNAL_POINTS", "ZERO_POINTS", "REPEAT_POINTS", "REPEAT_TOLERANCE"),
     "tunewise.doctor.overfitting": (

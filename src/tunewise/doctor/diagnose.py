@@ -23,6 +23,8 @@ from tunewise.doctor.curve import Curve, finite, load_curve, read_context
 from tunewise.doctor.divergence import (
     CALM_ABOVE,
     CALM_RATIO,
+    EARLY_ABOVE,
+    EARLY_RATIO,
     MEDIAN_WINDOW,
     MIN_NOISE_POINTS,
     NOISE_WINDOW,
@@ -173,11 +175,20 @@ def _settle(watcher: CurveWatcher) -> None:
             f.severity, f.title = "warning", f"{f.title} (recovered by step {ended[episode]})"
             if f.code == "eval_degradation":
                 f.severity = "info"  # the eval came back: no lasting harm
+            if f.code == "loss_degradation" and _outlearned(watcher, f):
+                f.severity = "info"
+                f.title += f"; it then fell below that minimum ({num(last_loss)} at step {last_step})"
             if f.code == "non_finite" and _one_overflow(watcher, f, ended[episode]):
                 f.severity = "info"
                 f.title += (
                     ": one overflow step, its update skipped; the loss was back on its curve at the next log"
                 )
+        if f.code == "eval_degradation" and f.severity == "error" and _last_eval_only(watcher, f):
+            watcher.open_episodes.pop("eval_degradation", None)  # not a divergence the run ended in
+            f.severity = "info"
+            f.title += (
+                "; the run's last eval, the only one after its best: a tick until another eval confirms it"
+            )
         if f.code == "loss_spike" and ("loss_spike", f.step) in ended and _small_spike(f):
             f.severity, f.title = (
                 "info",
@@ -188,8 +199,29 @@ def _settle(watcher: CurveWatcher) -> None:
             f.title += "; one batch of a curve whose batches swing widely: back under the spike line at once"
         if f.code in ("overfitting", "memorization") and not watcher.overfitting.still_above_best():
             f.severity, f.title = "info", f"{f.title}; eval came back near its best by the end"
+    for f in watcher.findings:  # after the loss spikes settled: a grad-norm spike is as bad as what followed
         if f.code == "grad_norm_spike" and _blip(watcher, f.step):
             f.severity, f.title = "info", f"{f.title}; the loss did not follow it"
+        elif f.code == "grad_norm_spike" and _blip(watcher, f.step, serious_only=True):
+            f.severity, f.title = "info", f"{f.title}; the loss came back at once"
+
+
+def _outlearned(watcher: CurveWatcher, f: Finding) -> bool:
+    """A climb that came back and that the run then outlearned: the median of its last tenth (at least
+    MEDIAN_WINDOW points) is below the minimum the climb started from. A bump on the way down (a warmup
+    peak, a hard stretch of data), not a divergence nor instability; a climb that came back only to its
+    old level still counts (unstable)."""
+    low = f.evidence.get("min_loss")
+    values = [x for _, x in watcher.losses]
+    tail = values[-max(MEDIAN_WINDOW, len(values) // 10) :]
+    return low is not None and len(values) >= 2 * MEDIAN_WINDOW and statistics.median(tail) < low
+
+
+def _last_eval_only(watcher: CurveWatcher, f: Finding) -> bool:
+    """An eval degradation that rests on the run's last eval alone: the only eval after the best."""
+    best = f.evidence.get("best_eval_step")
+    evals = watcher.overfitting.evals
+    return best is not None and bool(evals) and [e.step for e in evals if e.step > best] == [evals[-1].step]
 
 
 def _one_overflow(watcher: CurveWatcher, f: Finding, ended: int) -> bool:
@@ -214,7 +246,9 @@ def _noisy_batch(watcher: CurveWatcher, f: Finding) -> bool:
     noise swings widely: the 10-90% range of the NOISE_WINDOW losses before it is over OSC_SPREAD of their
     median (progress.py's "swinging widely"). Such a curve's batches have a heavy tail, so one batch far
     above the median is its noise (LABELS H4), not instability; on a quiet curve the same spike stands out
-    and counts. (A swinging curve without a trend is caught by the oscillation rule on its own.)"""
+    and counts. A spike over the first steps' explosion line (EARLY_RATIO x the run's starting loss and
+    EARLY_ABOVE above it) undid more than the run had learned: never one batch's noise (LABELS R6a).
+    (A swinging curve without a trend is caught by the oscillation rule on its own.)"""
     steps = [s for s, _ in watcher.losses]
     if f.step not in steps:
         return False
@@ -225,6 +259,9 @@ def _noisy_batch(watcher: CurveWatcher, f: Finding) -> bool:
     low, ref = f.evidence.get("running_min"), f.evidence.get("recent_median")
     if low is None or ref is None or above_spike_line(watcher.losses[at + 1][1], low, ref):
         return False
+    start, loss = watcher.divergence.start, f.evidence.get("loss", 0.0)
+    if start and loss > EARLY_RATIO * start and loss > start + EARLY_ABOVE:
+        return False  # far above where the run started (the first steps' explosion line): no batch's noise
     return spread(before) > OSC_SPREAD
 
 
@@ -234,14 +271,34 @@ def _small_spike(f: Finding) -> bool:
     return bool(ref) and f.evidence.get("loss", 0.0) < SPIKE_UNSTABLE * ref
 
 
-def _blip(watcher: CurveWatcher, began: int | None) -> bool:
-    """A grad-norm spike that the loss did not follow: no loss spike within GRAD_BLIP_POINTS points of it."""
+def _blip(watcher: CurveWatcher, began: int | None, serious_only: bool = False) -> bool:
+    """A grad-norm spike that the loss did not follow: no loss spike within GRAD_BLIP_POINTS points of it
+    (with `serious_only`, none that is more than info: the loss spikes near it were single blips or one
+    noisy batch, back at once, so the update it stands for did no lasting harm)."""
     steps = [s for s, _ in watcher.losses]
     if began is None or began not in steps:
         return began is not None
     at = steps.index(began)
     near = set(steps[max(0, at - GRAD_BLIP_POINTS) : at + GRAD_BLIP_POINTS + 1])
-    return not any(f.code in ("loss_spike", "loss_explosion") and f.step in near for f in watcher.findings)
+    return not any(
+        f.code in ("loss_spike", "loss_explosion")
+        and f.step in near
+        and not (serious_only and f.severity == "info")
+        for f in watcher.findings
+    )
+
+
+def _only_inferred_nan(watcher: CurveWatcher) -> bool:
+    """The divergence rests only on a 0.0 loss read as a hidden NaN with no grad norm to confirm it (a
+    positive loss, then exactly 0.0): on a log too short to judge, a collator that left nothing to train
+    reads the same, so the evidence is too thin for a verdict."""
+    errors = [f for f in watcher.findings if f.code in DIVERGED_CODES and f.severity == "error"]
+    return bool(errors) and all(
+        f.code == "non_finite"
+        and f.evidence.get("nan_hidden_by_logging_filter")
+        and f.evidence.get("grad_norm") is None
+        for f in errors
+    )
 
 
 def _serious_codes(watcher: CurveWatcher) -> set[str]:
@@ -251,7 +308,8 @@ def _serious_codes(watcher: CurveWatcher) -> set[str]:
 def _verdict(watcher: CurveWatcher, train_points: int, status: str | None) -> Verdict:
     """diverged > nothing trained (flat) > insufficient-data > overfitting > unstable > flat > healthy."""
     codes = _serious_codes(watcher)
-    if status == "diverged" or DIVERGED_CODES & watcher.open_episodes.keys():
+    diverged = status == "diverged" or DIVERGED_CODES & watcher.open_episodes.keys()
+    if diverged and not (train_points < MIN_POINTS and status != "diverged" and _only_inferred_nan(watcher)):
         return "diverged"
     if watcher.nothing_trained:
         return "flat"
@@ -385,7 +443,9 @@ def _summarize(verdict: Verdict, findings: list[Finding], ev: dict[str, Any]) ->
         if "best_eval_step" in ev
         else ""
     )
-    return f"Healthy: loss fell from {span}{tail}."
+    first, last = ev.get("loss_first"), ev.get("loss_last")
+    moved = "fell" if finite(first) and finite(last) and last < first else "went"
+    return f"Healthy: loss {moved} from {span}{tail}."
 
 
 # ----------------------------------------------------------------------------- text and findings.jsonl

@@ -31,7 +31,8 @@
   the mean of the last tenth of the losses is above RISE_RATIO x the minimum, by more than
   RISE_OF_DROP of what was learned (and the same noise margin). A run too short for these (under 10
   points) that ends far above where it started (DEGRADE_RATIO x the start and END_ABOVE above it) is
-  a loss_degradation at its end.
+  a loss_degradation at its end; so is one that learned and whose last 3 points all climbed back
+  (their mean DEGRADE_RATIO x its low, by DEGRADE_OF_DROP of what it learned; milder: loss_rising).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ ZERO_FROM = 0.01  # a logged loss above this cannot fall to exactly 0.0 at the n
 GRAD_NAN_POINTS = 3
 DEGRADE_RATIO, DEGRADE_OF_DROP, DEGRADE_SIGMAS, DEGRADE_POINTS = 1.5, 0.5, 3.0, 5
 RISE_RATIO, RISE_OF_DROP, END_ABOVE = 1.2, 0.25, 0.2
+LEARNED_MIN = 0.1  # a short run learned once its lowest loss is this fraction below its start
 
 
 def above_spike_line(loss: float, low: float, ref: float) -> bool:
@@ -394,13 +396,14 @@ class DivergenceRules:
 
     def _ended_above_start(self, values: list[float]) -> list[Finding]:
         """A run too short for the degradation test (under 2 median windows) that ended far above where it
-        started: the median of its last 3 points is DEGRADE_RATIO x the start and END_ABOVE above it."""
+        started: the median of its last 3 points is DEGRADE_RATIO x the start and END_ABOVE above it. Or one
+        that learned and climbed back (`_short_climb`)."""
         start = self.start
         if start is None or len(values) < MEDIAN_WINDOW:
             return []
         end = statistics.median(values[-3:])
         if not (end > DEGRADE_RATIO * start and end > start + END_ABOVE):
-            return []
+            return self._short_climb(values)
         step = self.watch.last_step
         self.watch.open("loss_degradation", self.watch.losses[0][0])
         title = f"loss ended at {num(end)} (step {step}), {end / start:.1f}x the {num(start)} it started at"
@@ -414,6 +417,43 @@ class DivergenceRules:
             "lr": self.watch.peak_lr,
         }
         return [Finding(step, "error", "loss_degradation", title, evidence, *self.advice())]
+
+    def _short_climb(self, values: list[float]) -> list[Finding]:
+        """A short run (too few points for a smoothed minimum) that learned (its lowest point LEARNED_MIN
+        below its start) and then climbed back: each of its last 3 points above RISE_RATIO x that low.
+        Their mean above DEGRADE_RATIO x the low, by DEGRADE_OF_DROP of what was learned, is a
+        loss_degradation; above RISE_RATIO x, by RISE_OF_DROP of it, a loss_rising."""
+        at = min(range(len(values) - 3), key=values.__getitem__)
+        low, start = values[at], self.start or values[0]
+        tail = values[-3:]
+        learned = start - low
+        if at == 0 or learned < LEARNED_MIN * start or low <= 0 or min(tail) <= RISE_RATIO * low:
+            return []  # (it never fell from its start: nothing learned to lose)
+        end = statistics.fmean(tail)
+        if end > DEGRADE_RATIO * low and end - low > DEGRADE_OF_DROP * learned:
+            severity, code = "error", "loss_degradation"
+        elif end > RISE_RATIO * low and end - low > RISE_OF_DROP * learned:
+            severity, code = "warning", "loss_rising"
+        else:
+            return []
+        low_step = self.watch.losses[at][0]
+        step = self.watch.last_step
+        if code == "loss_degradation":
+            self.watch.open("loss_degradation", low_step)
+        title = (
+            f"loss climbed from {num(low)} at step {low_step} to {num(end)} over its last 3 logs (step "
+            f"{step}), {end / low:.1f}x that low: it learned, then got worse and did not come back"
+        )
+        evidence = {
+            "step": step,
+            "min_loss": low,
+            "min_step": low_step,
+            "loss": end,
+            "ratio": end / low,
+            "start_loss": start,
+            "lr": self.watch.peak_lr,
+        }
+        return [Finding(step, severity, code, title, evidence, *self.advice())]
 
     def trouble_began(self, step: int) -> int:
         """The step where the climb that ended at `step` (a divergence) began: the first of the losses right

@@ -9,7 +9,8 @@
   TRAIN_FELL (5%) since that best eval: the run is getting worse at everything, a divergence (with
   train falling it is overfitting). Over once eval is back under that line.
 - eval_rising (warning), at the end of a run with at least 3 evals: the last eval is >= EVAL_RISING x
-  the best, with train not falling by TRAIN_FELL since then: milder than eval_degradation (unstable).
+  the best, at least 2 evals after it, with train not falling by TRAIN_FELL since then: milder than
+  eval_degradation (unstable).
 - eval_non_finite (warning): a NaN/inf eval loss while training is finite.
 - generalization_gap: eval minus the mean of the last 10 train losses > GAP_LIMIT (healthy is about
   0.1-0.3) plus 2 standard errors of that mean, and growing.
@@ -165,6 +166,9 @@ class OverfittingRules:
             return []
         best = min(self.evals, key=lambda e: e.loss)
         now = self.evals[-1]
+        after = sum(e.step > best.step for e in self.evals)
+        if after < 2:  # one eval up from the best is a tick, not a rise (as for overfitting)
+            return []
         if best.loss <= 0 or now.loss < EVAL_RISING * best.loss or self._train_fell(best, now):
             return []
         title = (

@@ -11,7 +11,7 @@
   verdict `flat` (diagnose.py) is this end-of-run test.
 - oscillation (warning), at the end of the run (the whole curve known), instead of flat: a loss with
   no trend (as flat) that swings: over the last two thirds of the points the 10th-90th percentile range
-  is > OSC_SPREAD of their median.
+  is > OSC_SPREAD of their median; judged on OSC_MIN_POINTS points or more.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tunewise.doctor.watcher import CurveWatcher
 
 NOT_FALLING_AT, FLAT_AT, FLAT_ERROR_AT, FLAT_BAND, NOISY, MIN_FALL = 10, 50, 100, 0.10, 0.05, 0.01
-FLAT_MIN_POINTS, OSC_SPREAD = 5, 0.5
+FLAT_MIN_POINTS, OSC_SPREAD, OSC_MIN_POINTS = 5, 0.5, 10
 
 
 Stage = Literal["early", "checkpoint", "end"]
@@ -63,8 +63,9 @@ def spread(values: list[float]) -> float:
 
 
 def _oscillating(values: list[float]) -> bool:
-    """Swinging widely without a trend."""
-    if len(values) < FLAT_MIN_POINTS:
+    """Swinging widely without a trend, over OSC_MIN_POINTS points at least: a few noisy logs are no
+    sustained oscillation (their 10-90% range is just their extremes)."""
+    if len(values) < OSC_MIN_POINTS:
         return False
     start, now = _ends(values, "end")
     return now > (1 - FLAT_BAND) * start and spread(values[len(values) // 3 :]) > OSC_SPREAD
