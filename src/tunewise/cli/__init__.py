@@ -8,6 +8,7 @@ A user error exits 2 with one message that says what is wrong, where and how to 
 shows the traceback instead.
 """
 
+import ctypes
 import logging
 import os
 import sys
@@ -28,6 +29,27 @@ USER_ERRORS = (
 NOISY_LOGGERS = ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "datasets")
 
 
+ONEDNN_KERNELS = "64"  # oneDNN's default keeps 1024 compiled kernels, each with its own buffers
+MMAP_THRESHOLD = 1 << 20  # glibc: blocks from 1 MiB on are mapped (and unmapped when freed), at a fixed line
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _steady_cpu_memory() -> None:
+    """Keep the CPU's resident set near what is live. Padding-free batches change shape every step, and two
+    caches grew with the shapes: oneDNN's kernel cache and glibc's heap (its mmap threshold rises to the
+    largest block freed, so later tensors come from a heap that does not shrink). Measured on the demo's
+    config, 14 steps: +0.74 GiB by default, +0.34 GiB with both fixed, and 15% faster steps (fewer kernels
+    to look up). Must run before torch starts (the kernel cache reads its size once); a user's own setting
+    of ONEDNN_PRIMITIVE_CACHE_CAPACITY or MALLOC_MMAP_THRESHOLD_ wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_KERNELS)
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own ways
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunewise` command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -36,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tunewise reports progress itself
     os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the one-off GGUF conversion bar
+    _steady_cpu_memory()
     # bitsandbytes says this on every CPU step; tunewise says it once as a hardware notice
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     # renames announced for transformers 6 (gradient_ -> activation_checkpointing): noise for our users
