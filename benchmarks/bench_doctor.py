@@ -1,6 +1,6 @@
 """The doctor next to its PyPI peers on the corpus of real runs, in one run.
 
-Every run of tests/fixtures/real_runs/<group>/manifest.jsonl (groups public, issues, smollm2) carries a
+Every run of tests/fixtures/real_runs/<group>/manifest.jsonl (every group with a manifest) carries a
 verdict labelled by hand (tests/fixtures/real_runs/LABELS.md). Each tool reads each run and its output is
 mapped onto the same verdicts, as generously as its output allows (/work/shared/PEERS.md):
 
@@ -43,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fixtures" / "real_runs"
-GROUPS = ("public", "issues", "smollm2", "fresh", "fresh2", "fresh3")
+# Every corpus folder with a manifest: public, issues, smollm2 and each unseen batch (fresh, fresh2, ...).
+GROUPS = tuple(sorted(p.parent.name for p in CORPUS.glob("*/manifest.jsonl")))
 RESULTS = ROOT / "benchmarks" / "results" / "doctor.json"
 TUNEWISE = ROOT / ".venv" / "bin" / "tunewise"
 PEERS_VENV = ROOT / "benchmarks" / ".peers-venv"

@@ -80,6 +80,33 @@ def test_llamafactory_log_with_nan_and_grad_norm(tmp_path: Path) -> None:
     assert d.verdict == "diverged" and d.findings[0].step == 35
 
 
+def test_llamafactory_log_of_newer_releases_with_null_keys_and_a_final_eval_pass(tmp_path: Path) -> None:
+    """Newer LLaMA-Factory writes every key on every line (null where it does not apply), the rate as
+    `learning_rate`, and ends with an evaluation pass that counts its own batches ("current_steps": 8 of
+    "total_steps": 8; as in CoderJzy/llm's output/lora/trainer_log.jsonl). That pass is no resume: its eval
+    belongs at the last training step, and every train line is read."""
+    keys = {"eval_loss": None, "predict_loss": None, "reward": None, "accuracy": None}
+    lines = [
+        {
+            "current_steps": s,
+            "total_steps": 100,
+            "loss": round(2.0 * 0.97**s, 4),
+            **keys,
+            "learning_rate": 1e-4,
+        }
+        for s in range(10, 101, 10)
+    ]
+    lines.insert(5, {"current_steps": 50, "total_steps": 100, **keys, "loss": None, "eval_loss": 1.1})
+    lines.append({"current_steps": 100, "total_steps": 100, **keys, "loss": None, "learning_rate": None})
+    lines.append({"current_steps": 8, "total_steps": 8, **keys, "loss": None, "eval_loss": 0.9})
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curve = load_curve(tmp_path / "trainer_log.jsonl")
+    assert [p.step for p in curve.train] == list(range(10, 101, 10))
+    assert curve.train[0].lr == pytest.approx(1e-4)
+    assert [(e.step, e.eval_loss) for e in curve.eval] == [(50, 1.1), (100, 0.9)]
+    assert diagnose_path(tmp_path).verdict == "healthy"
+
+
 def test_real_axolotl_dir_gives_method_rate_and_vocabulary() -> None:
     (path,) = corpus_entries("axolotl")[:1]
     context = read_context(path)

@@ -201,6 +201,7 @@ THRESHOLDS: dict[str, tuple[str, ...]] = {
         "RISE_OF_DROP",
         "END_ABOVE",
         "LEARNED_MIN",
+        "ZIGZAG_MAX",
     ),
     "tunewise.doctor.progress": (
         "NOT_FALLING_AT",

@@ -33,6 +33,8 @@
   points) that ends far above where it started (DEGRADE_RATIO x the start and END_ABOVE above it) is
   a loss_degradation at its end; so is one that learned and whose last 3 points all climbed back
   (their mean DEGRADE_RATIO x its low, by DEGRADE_OF_DROP of what it learned; milder: loss_rising).
+  Neither judges a short run that turns (up, then down) at more than ZIGZAG_MAX of its steps: too few
+  points of per-batch noise to tell an ending from a batch.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ GRAD_NAN_POINTS = 3
 DEGRADE_RATIO, DEGRADE_OF_DROP, DEGRADE_SIGMAS, DEGRADE_POINTS = 1.5, 0.5, 3.0, 5
 RISE_RATIO, RISE_OF_DROP, END_ABOVE = 1.2, 0.25, 0.2
 LEARNED_MIN = 0.1  # a short run learned once its lowest loss is this fraction below its start
+ZIGZAG_MAX = 0.5  # a short run that turns at more of its steps than this is per-batch noise
+
+
+def zigzag(values: list[float]) -> float:
+    """The share of steps at which the curve turns (its step-to-step change flips sign): about 2/3 for
+    independent per-batch noise, near 0 for a curve that falls and then climbs."""
+    diffs = [b - a for a, b in zip(values, values[1:], strict=False) if b != a]
+    if len(diffs) < 2:
+        return 0.0
+    return sum((a > 0) != (b > 0) for a, b in zip(diffs, diffs[1:], strict=False)) / (len(diffs) - 1)
 
 
 def above_spike_line(loss: float, low: float, ref: float) -> bool:
@@ -396,13 +408,15 @@ class DivergenceRules:
 
     def _ended_above_start(self, values: list[float]) -> list[Finding]:
         """A run too short for the degradation test (under 2 median windows) that ended far above where it
-        started: the median of its last 3 points is DEGRADE_RATIO x the start and END_ABOVE above it. Or one
-        that learned and climbed back (`_short_climb`)."""
+        started: each of its last 3 points above DEGRADE_RATIO x the start, their median END_ABOVE above it
+        (a per-step log's batches jump around: one high batch among them is noise). Or one that learned and
+        climbed back (`_short_climb`)."""
         start = self.start
-        if start is None or len(values) < MEDIAN_WINDOW:
-            return []
+        if start is None or len(values) < MEDIAN_WINDOW or zigzag(values) > ZIGZAG_MAX:
+            return []  # (a few per-batch losses that jump up and down at most steps: noise, no ending)
         end = statistics.median(values[-3:])
-        if not (end > DEGRADE_RATIO * start and end > start + END_ABOVE):
+        above = min(values[-3:]) > DEGRADE_RATIO * start  # each of them: one noisy batch is no ending
+        if not (above and end > start + END_ABOVE):
             return self._short_climb(values)
         step = self.watch.last_step
         self.watch.open("loss_degradation", self.watch.losses[0][0])

@@ -44,6 +44,7 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
     """(where, Trainer-style record) for each train or eval line of a trainer_log.jsonl, and total_steps."""
     records = []
     total = None
+    last_step = None  # the last training step: where an evaluation pass with its own counter happened
     for lineno, line in rundir.read_jsonl(path, strict=True):
         step = line.get("current_steps")
         if isinstance(step, bool) or not isinstance(step, int | float):
@@ -51,12 +52,20 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
                 f"{path}:{lineno}: entry has no numeric `current_steps`; expected LLaMA-Factory's "
                 'trainer_log.jsonl ({"current_steps": 10, "loss": 2.3, ...})'
             )
-        if isinstance(line.get("total_steps"), int) and line["total_steps"] > 0:
-            total = line["total_steps"]
+        steps_of = line.get("total_steps")
+        if total is not None and isinstance(steps_of, int) and steps_of != total and last_step is not None:
+            step = last_step  # the end-of-training eval counts its own batches (e.g. "8 of 8"), not steps
+        elif isinstance(steps_of, int) and steps_of > 0:
+            total = steps_of
+        if line.get("loss") is not None:
+            last_step = step
         record = {"step": step, "epoch": line.get("epoch")}
-        if "loss" in line:
-            record.update(loss=line["loss"], grad_norm=line.get("grad_norm"), learning_rate=line.get("lr"))
-        elif "eval_loss" in line:
+        # Newer releases write every key on every line, null where it does not apply (a train line has
+        # "eval_loss": null), and the rate as `learning_rate` (older ones: `lr`).
+        lr = line.get("learning_rate", line.get("lr"))
+        if line.get("loss") is not None:
+            record.update(loss=line["loss"], grad_norm=line.get("grad_norm"), learning_rate=lr)
+        elif line.get("eval_loss") is not None:
             record["eval_loss"] = line["eval_loss"]
         else:
             continue  # the end-of-training summary and prediction progress carry no loss
