@@ -105,6 +105,11 @@ def test_llamafactory_log_of_newer_releases_with_null_keys_and_a_final_eval_pass
     assert curve.train[0].lr == pytest.approx(1e-4)
     assert [(e.step, e.eval_loss) for e in curve.eval] == [(50, 1.1), (100, 0.9)]
     assert diagnose_path(tmp_path).verdict == "healthy"
+    # With load_best_model_at_end the final pass evaluates the best checkpoint again: the same loss as that
+    # eval, not the end of the run, so it is not read as the eval coming back.
+    lines[-1]["eval_loss"] = 1.1
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert [(e.step, e.eval_loss) for e in load_curve(tmp_path / "trainer_log.jsonl").eval] == [(50, 1.1)]
 
 
 def test_real_axolotl_dir_gives_method_rate_and_vocabulary() -> None:

@@ -577,3 +577,30 @@ def test_the_healthy_summary_does_not_say_fell_for_a_loss_that_rose() -> None:
     ev = {"loss_first": 9.3e7, "first_step": 48, "loss_last": 1.1e8, "last_step": 63, "train_points": 16}
     assert _summarize("healthy", [], ev).startswith("Healthy: loss went from 93000000")
     assert _summarize("healthy", [], {**ev, "loss_last": 5e7}).startswith("Healthy: loss fell from 93000000")
+
+
+def test_a_memorized_per_example_log_with_real_zeros_is_neither_a_hidden_nan_nor_unchanged_weights() -> None:
+    """A LoRA chat fine-tune at batch size 1, logged every step for 30 epochs over 517 examples, no grad norm
+    (GU-DY/chattest): per-example losses of 0.1-0.2 next to memorized ones that round to 0.0, and late in the
+    run 0.0 almost everywhere with a 0.0001 here and there. A 0.0 after 0.105 is then a real batch (the
+    curve's recent range reaches 0), not a NaN the logging filter hid; and a 0.0001 that matches the one an
+    epoch before, between zeros, is no row of repeated losses. On a curve that never came near 0, the
+    same 0.0 is a hidden NaN."""
+    import random
+
+    rng = random.Random(5)
+    per_epoch = 20
+    early = [round(2.0 * math.exp(-i / 30) + abs(rng.gauss(0, 0.05)), 4) for i in range(200)]
+    mixed = [(0.0, 0.0008, 0.105, 0.0, 0.2073, 0.0002, 0.0013, 0.0)[i % 8] for i in range(200)]
+    late = [{0: 0.0001, 5: 0.0002, 10: 0.0001, 15: 0.0003}.get(i % per_epoch, 0.0) for i in range(200)]
+    losses = early + mixed + late
+    train = [TrainPoint(i + 1, x, None, 1e-4, (i + 1) / per_epoch) for i, x in enumerate(losses)]
+    d = diagnose_curve(Curve(train, [], "test"))
+    assert d.verdict == "healthy", (d.summary, serious(d))
+    assert not {"non_finite", "weights_unchanged"} & codes(d)
+    calm = [round(0.5 + 1.5 * math.exp(-i / 30) + abs(rng.gauss(0, 0.05)), 4) for i in range(200)]
+    calm[150] = 0.0
+    hidden = diagnose_curve(
+        Curve([TrainPoint(i + 1, x, None, 1e-4, None) for i, x in enumerate(calm)], [], "t")
+    )
+    assert "non_finite" in codes(hidden)

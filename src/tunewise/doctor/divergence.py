@@ -22,8 +22,9 @@
   its recent median): an overflow whose update was skipped (fp16's loss scaler, or tunewise's monitor);
   its fixes depend on the run's precision (the watcher's `precision`, from the run's facts).
   GRAD_NAN_POINTS in a row (or with a loss that is not calm) is non_finite.
-- A loss logged as exactly 0.0 with no grad norm, right after a loss above ZERO_FROM, is a hidden NaN
-  too (no real loss falls from there to 0.0000 in one log): non_finite.
+- A loss logged as exactly 0.0 with no grad norm, right after a loss above ZERO_FROM (and with every loss
+  of the last NOISE_WINDOW logs above it), is a hidden NaN too (no real loss falls from there to 0.0000
+  in one log): non_finite.
 - loss_degradation (error): without a spike, the median of the last MEDIAN_WINDOW losses climbs above
   DEGRADE_RATIO x the running minimum, by more than DEGRADE_OF_DROP of what the run had learned (start
   - minimum) and by more than DEGRADE_SIGMAS x the point-to-point noise, for DEGRADE_POINTS points in
@@ -120,14 +121,17 @@ class DivergenceRules:
 
     def hides_nan(self, loss: float, grad_norm: float | None) -> bool:
         """A NaN that Trainer's logging filter wrote as 0.0: the grad norm shows it, or, when no grad norm
-        is logged, the loss before it was far from 0 (no real loss falls to 0.0000 in one log)."""
+        is logged, the loss before it was far from 0 (no real loss falls to 0.0000 in one log) and so was
+        every loss of the last NOISE_WINDOW logs (else 0.0 is within the curve's own range)."""
         if hides_nan(loss, grad_norm):
             return True
         if loss != 0.0 or grad_norm is not None:
             return False
         if "non_finite" in self.watch.open_episodes:
             return True
-        return bool(self.watch.losses) and self.watch.losses[-1][1] > ZERO_FROM
+        recent = [x for _, x in self.watch.losses[-NOISE_WINDOW:]]
+        # A curve whose recent batches reach near 0 (a memorized set logged per example) has real zeros.
+        return bool(recent) and recent[-1] > ZERO_FROM and min(recent) > ZERO_FROM
 
     def on_non_finite(
         self, step: int, loss: float, grad_norm: float | None, lr: float | None, tokens: int | None

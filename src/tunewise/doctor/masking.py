@@ -8,7 +8,8 @@
   norm from the first log on: no step ever had a loss): nothing is trained. Warning at the first such
   point, error at ZERO_POINTS in a row (or when the run has no other loss).
 - weights_unchanged: each batch's loss equals, within REPEAT_TOLERANCE, the loss logged at the same place
-  of the epoch before, for REPEAT_POINTS points in a row (and the losses are not all one value): the
+  of the epoch before, for REPEAT_POINTS logs in a row (a loss logged as 0.0 breaks the row; and the
+  losses are not all one value): the
   same batches through the same weights. Nothing is being trained, though each loss is real. Only
   data that is not reshuffled each epoch shows it (custom loops, `shuffle=False`); error at once. The
   same batch through the same weights gives the same gradient too: where both points log a grad norm,
@@ -84,7 +85,10 @@ class MaskingRules:
     ) -> list[Finding]:
         """A finite, non-zero loss: does it (and its grad norm, where both are logged) repeat the one at the
         same place of the epoch before?"""
-        if epoch is None or not math.isfinite(epoch) or loss == 0.0:
+        if loss == 0.0:  # (a memorized loss rounded to 0.0 says nothing, and breaks the row)
+            self.repeats = []
+            return []
+        if epoch is None or not math.isfinite(epoch):
             return []
         whole = math.floor(epoch + 1e-9)
         place = round(epoch - whole, 3)

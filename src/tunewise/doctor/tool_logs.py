@@ -45,6 +45,7 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
     records = []
     total = None
     last_step = None  # the last training step: where an evaluation pass with its own counter happened
+    seen_evals: set[float] = set()
     for lineno, line in rundir.read_jsonl(path, strict=True):
         step = line.get("current_steps")
         if isinstance(step, bool) or not isinstance(step, int | float):
@@ -55,8 +56,12 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
         steps_of = line.get("total_steps")
         if total is not None and isinstance(steps_of, int) and steps_of != total and last_step is not None:
             step = last_step  # the end-of-training eval counts its own batches (e.g. "8 of 8"), not steps
+            if line.get("eval_loss") in seen_evals:
+                continue  # the same loss as an eval before: the best checkpoint, reloaded and evaluated again
         elif isinstance(steps_of, int) and steps_of > 0:
             total = steps_of
+        if line.get("eval_loss") is not None:
+            seen_evals.add(line["eval_loss"])
         if line.get("loss") is not None:
             last_step = step
         record = {"step": step, "epoch": line.get("epoch")}
