@@ -48,6 +48,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunewise.cli import _steady_cpu_memory
+
+if "--child" in sys.argv:
+    # tunewise's CLI caps oneDNN's kernel cache and fixes glibc's mmap threshold before torch starts;
+    # every run here gets the same settings, TRL's too, so the ratios compare the training loops.
+    _steady_cpu_memory()
+
 from transformers import TrainerCallback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
