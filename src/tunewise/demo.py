@@ -5,13 +5,15 @@ Everything a newcomer runs with `make demo`; it prints where the run and its num
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunewise import rundir
 from tunewise.check import run_check
-from tunewise.config import load_config
+from tunewise.config import Config, load_config
 from tunewise.doctor.diagnose import diagnose_path, render_diagnosis
 from tunewise.evaluate import evaluate
 from tunewise.model import resolve_model_path
@@ -42,7 +44,7 @@ def run_demo(out: Printer, overrides: list[str] | None = None, quiet: bool = Fal
     if report.failed:
         return 1
     say("3/5 base model on the test split")
-    base = evaluate(cfg, None)
+    base = _evaluate_apart(cfg)
     out.eval(base)
     say("4/5 train")
     hooks = TrainHooks(
@@ -75,6 +77,15 @@ def run_demo(out: Printer, overrides: list[str] | None = None, quiet: bool = Fal
         f"exact match: base {base['exact_match']:.0%} -> tuned {tuned['exact_match']:.0%}", style="bold green"
     )
     return 0 if result.status == "completed" else 1
+
+
+def _evaluate_apart(cfg: Config) -> dict[str, Any]:
+    """The base model's evaluation, in a child process: what it allocated is gone before training starts,
+    so the run's measured memory is training's own. In the same process glibc kept the generation's freed
+    blocks resident (the demo's step 1 measured 2.40 GiB against 2.14 GiB for `tunewise train` alone, and
+    its peak 31% over the plan's estimate against 22%)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(evaluate, cfg, None).result()
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

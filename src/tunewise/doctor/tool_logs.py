@@ -40,6 +40,11 @@ def is_llamafactory_log(path: Path) -> bool:
     return first is not None and "current_steps" in first[1]
 
 
+def _number(value: Any) -> bool:
+    """A JSON number (not a bool): what a loss can be compared as."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:
     """(where, Trainer-style record) for each train or eval line of a trainer_log.jsonl, and total_steps."""
     records = []
@@ -56,11 +61,11 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
         steps_of = line.get("total_steps")
         if total is not None and isinstance(steps_of, int) and steps_of != total and last_step is not None:
             step = last_step  # the end-of-training eval counts its own batches (e.g. "8 of 8"), not steps
-            if line.get("eval_loss") in seen_evals:
+            if _number(line.get("eval_loss")) and line["eval_loss"] in seen_evals:
                 continue  # the same loss as an eval before: the best checkpoint, reloaded and evaluated again
         elif isinstance(steps_of, int) and steps_of > 0:
             total = steps_of
-        if line.get("eval_loss") is not None:
+        if _number(line.get("eval_loss")):
             seen_evals.add(line["eval_loss"])
         if line.get("loss") is not None:
             last_step = step
