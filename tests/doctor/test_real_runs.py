@@ -79,7 +79,7 @@ def check_targets(
     strict=True,
     reason="issue #14's targets are NOT met on dev, where every run that was read to fix a rule goes "
     "(measured 2026-12-01, session 6, 184 runs: accuracy 91.8% < 92%, macro-recall 84.8% < 85%, 6 false "
-    "alarms in 106 healthy runs > 1 in 50). Its misses are close calls whose labels rest on the reader's "
+    "alarms in 107 healthy runs > 1 in 50). Its misses are close calls whose labels rest on the reader's "
     "look past LABELS' letter: short mid-run fragments from issue threads (6-11 logs) that the rules call "
     "flat or overfitting, a 7-log per-step fragment, a 1000-step warmup of pure batch noise, and "
     "nowhereman14_react_tod (two spiked per-step logs in a row on a 2037-log run). The holdout tests below "

@@ -23,12 +23,11 @@ from tunewise.doctor.curve import Curve, finite, load_curve, read_context
 from tunewise.doctor.divergence import (
     CALM_ABOVE,
     CALM_RATIO,
-    EARLY_ABOVE,
-    EARLY_RATIO,
     MEDIAN_WINDOW,
     MIN_NOISE_POINTS,
     NOISE_WINDOW,
     above_spike_line,
+    above_start_line,
 )
 from tunewise.doctor.findings import (
     SEVERITY_RANK,
@@ -260,7 +259,7 @@ def _noisy_batch(watcher: CurveWatcher, f: Finding) -> bool:
     if low is None or ref is None or above_spike_line(watcher.losses[at + 1][1], low, ref):
         return False
     start, loss = watcher.divergence.start, f.evidence.get("loss", 0.0)
-    if start and loss > EARLY_RATIO * start and loss > start + EARLY_ABOVE:
+    if start and above_start_line(loss, start):
         return False  # far above where the run started (the first steps' explosion line): no batch's noise
     return spread(before) > OSC_SPREAD
 

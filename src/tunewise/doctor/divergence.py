@@ -75,6 +75,11 @@ def zigzag(values: list[float]) -> float:
     return sum((a > 0) != (b > 0) for a, b in zip(diffs, diffs[1:], strict=False)) / (len(diffs) - 1)
 
 
+def above_start_line(loss: float, start: float) -> bool:
+    """EARLY_RATIO x the run's starting loss and EARLY_ABOVE above it: more than the run had learned."""
+    return loss > EARLY_RATIO * start and loss > start + EARLY_ABOVE
+
+
 def above_spike_line(loss: float, low: float, ref: float) -> bool:
     """SPIKE_RATIO x the running minimum `low` and SPIKE_ABOVE_MIN above it, or SPIKE_RATIO x the recent
     median `ref` and SPIKE_ABOVE_MEDIAN above it (the noise margin aside)."""
@@ -223,7 +228,7 @@ class DivergenceRules:
         if erased:
             return [self._begin_explosion(step, loss, self.start, "knows_nothing")]
         early = self.start is not None and len(self.watch.losses) < EARLY_POINTS
-        if early and loss > EARLY_RATIO * self.start and loss > self.start + EARLY_ABOVE:
+        if early and above_start_line(loss, self.start):
             return [self._begin_explosion(step, loss, self.start, "start")]
         if len(self.calm) < MIN_NOISE_POINTS or self.minimum is None:
             return []  # too few calm points to know the noise: only the first-steps test above judges
@@ -327,15 +332,7 @@ class DivergenceRules:
             f"loss climbed from its minimum {num(low)} at step {low_step} to {num(level)} at step {step} "
             f"({level / low:.1f}x) and has not come back: no NaN, no single spike, a divergence all the same"
         )
-        evidence = {
-            "step": step,
-            "min_loss": low,
-            "min_step": low_step,
-            "loss": level,
-            "ratio": level / low,
-            "above_since": began,
-            "lr": self.watch.peak_lr,
-        }
+        evidence = self._climb_evidence(step, low, low_step, level, above_since=began)
         return [Finding(step, "error", "loss_degradation", title, evidence, *self.advice())]
 
     def noise(self) -> float:
@@ -400,14 +397,7 @@ class DivergenceRules:
             f"loss ended at {num(end)}, {end / low:.2f}x its minimum {num(low)} at step {low_step}: it "
             "climbed back and did not fall again"
         )
-        evidence = {
-            "step": step,
-            "min_loss": low,
-            "min_step": low_step,
-            "loss": end,
-            "ratio": end / low,
-            "lr": self.watch.peak_lr,
-        }
+        evidence = self._climb_evidence(step, low, low_step, end)
         return [Finding(step, "warning", "loss_rising", title, evidence, *self.advice())]
 
     def _ended_above_start(self, values: list[float]) -> list[Finding]:
@@ -462,16 +452,20 @@ class DivergenceRules:
             f"loss climbed from {num(low)} at step {low_step} to {num(end)} over its last 3 logs (step "
             f"{step}), {end / low:.1f}x that low: it learned, then got worse and did not come back"
         )
-        evidence = {
+        evidence = self._climb_evidence(step, low, low_step, end, start_loss=start)
+        return [Finding(step, severity, code, title, evidence, *self.advice())]
+
+    def _climb_evidence(self, step: int, low: float, low_step: int, loss: float, **extra: float) -> dict:
+        """The evidence of a loss that climbed from its low (degradation, rising, a short run's climb)."""
+        return {
             "step": step,
             "min_loss": low,
             "min_step": low_step,
-            "loss": end,
-            "ratio": end / low,
-            "start_loss": start,
+            "loss": loss,
+            "ratio": loss / low,
+            **extra,
             "lr": self.watch.peak_lr,
         }
-        return [Finding(step, severity, code, title, evidence, *self.advice())]
 
     def trouble_began(self, step: int) -> int:
         """The step where the climb that ended at `step` (a divergence) began: the first of the losses right

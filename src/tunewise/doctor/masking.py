@@ -9,12 +9,12 @@
   point, error at ZERO_POINTS in a row (or when the run has no other loss).
 - weights_unchanged: each batch's loss equals, within REPEAT_TOLERANCE, the loss logged at the same place
   of the epoch before, for REPEAT_POINTS logs in a row (a loss logged as 0.0 breaks the row; and the
-  losses are not all one value): the
-  same batches through the same weights. Nothing is being trained, though each loss is real. Only
-  data that is not reshuffled each epoch shows it (custom loops, `shuffle=False`); error at once. The
-  same batch through the same weights gives the same gradient too: where both points log a grad norm,
-  it must repeat within REPEAT_TOLERANCE as well (a loss rounded to the log's 4 decimals repeats by
-  chance at tiny values, 0.0013 against 0.0013, while the grad norms show the weights moved).
+  losses are not all one value): the same batches through the same weights. Nothing is being trained,
+  though each loss is real. Only data that is not reshuffled each epoch shows it (custom loops,
+  `shuffle=False`); error at once. The same batch through the same weights gives the same gradient
+  too: where both points log a grad norm, it must repeat within REPEAT_TOLERANCE as well (a loss
+  rounded to the log's 4 decimals repeats by chance at tiny values, 0.0013 against 0.0013, while the
+  grad norms show the weights moved).
 """
 
 from __future__ import annotations

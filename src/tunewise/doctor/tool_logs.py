@@ -53,7 +53,7 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
     seen_evals: set[float] = set()
     for lineno, line in rundir.read_jsonl(path, strict=True):
         step = line.get("current_steps")
-        if isinstance(step, bool) or not isinstance(step, int | float):
+        if not _number(step):
             raise DoctorError(
                 f"{path}:{lineno}: entry has no numeric `current_steps`; expected LLaMA-Factory's "
                 'trainer_log.jsonl ({"current_steps": 10, "loss": 2.3, ...})'
@@ -67,13 +67,14 @@ def llamafactory_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], 
             total = steps_of
         if _number(line.get("eval_loss")):
             seen_evals.add(line["eval_loss"])
-        if line.get("loss") is not None:
-            last_step = step
-        record = {"step": step, "epoch": line.get("epoch")}
         # Newer releases write every key on every line, null where it does not apply (a train line has
         # "eval_loss": null), and the rate as `learning_rate` (older ones: `lr`).
+        train = line.get("loss") is not None
+        if train:
+            last_step = step
+        record = {"step": step, "epoch": line.get("epoch")}
         lr = line.get("learning_rate", line.get("lr"))
-        if line.get("loss") is not None:
+        if train:
             record.update(loss=line["loss"], grad_norm=line.get("grad_norm"), learning_rate=lr)
         elif line.get("eval_loss") is not None:
             record["eval_loss"] = line["eval_loss"]
