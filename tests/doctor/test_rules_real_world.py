@@ -14,7 +14,7 @@ import math
 import pytest
 from doctor_curves import Curve, CurveWatcher, EvalPoint, TrainPoint, curve_of, falling, feed, fired, noisy
 
-from tunewise.doctor.diagnose import diagnose_curve
+from tunewise.doctor.diagnose import _summarize, diagnose_curve
 
 SMOLLM2_VOCAB = 49152  # ln(49152) = 10.80: the loss of a model that knows nothing
 
@@ -572,8 +572,6 @@ def test_a_climb_the_run_later_outlearned_is_healthy_but_one_that_only_came_back
 def test_the_healthy_summary_does_not_say_fell_for_a_loss_that_rose() -> None:
     """A mid-run fragment judged healthy whose last log sits above its first (keras-team/keras#6102) was
     summed up as "loss fell from 92863873 ... to 110019400"."""
-    from tunewise.doctor.diagnose import _summarize
-
     ev = {"loss_first": 9.3e7, "first_step": 48, "loss_last": 1.1e8, "last_step": 63, "train_points": 16}
     assert _summarize("healthy", [], ev).startswith("Healthy: loss went from 93000000")
     assert _summarize("healthy", [], {**ev, "loss_last": 5e7}).startswith("Healthy: loss fell from 93000000")
