@@ -208,6 +208,27 @@ def test_zero_loss_after_a_real_loss_with_zero_grad_norm_is_nothing_trained() ->
     assert d.verdict == "flat" and d.evidence["cause"] == "nothing_trained", d.summary
 
 
+def test_zero_loss_from_the_first_log_with_a_finite_grad_norm_is_nothing_trained() -> None:
+    # LLaMA-Factory #2726's class: every log 0.0 from step 1 while the grad norm is small and finite. No
+    # real loss starts under the log's 4 decimals: the labels train only what the model already predicts.
+    losses, grads = [0.0] * 7, [0.011, 0.009, 0.015, 0.017, 0.012, 0.010, 0.007]
+    found = feed(watcher(), curve_of(losses, grads))
+    errors = [(s, c) for s, c, sev in fired(found) if sev == "error"]
+    assert errors and errors[0] == (3, "nothing_trained"), fired(found)
+    d = diagnose_curve(curve_of(losses, grads))
+    assert d.verdict == "flat" and d.evidence["cause"] == "nothing_trained", d.summary
+    finding = next(f for f in d.findings if f.code == "nothing_trained" and f.severity == "error")
+    assert "leave nothing to learn" in finding.title and "no gradient" not in finding.title
+    assert "already predicts" in finding.causes[0] and finding.fixes[0].change == "data.train_on=assistant"
+
+
+def test_zero_loss_after_a_real_loss_with_a_finite_grad_norm_is_not_nothing_trained() -> None:
+    # The same 0.0 logs after a real loss are a fall (memorized), not "nothing trained".
+    losses, grads = [0.9, 0.2, 0.01] + [0.0] * 7, [1.0, 0.5, 0.05] + [0.01] * 7
+    d = diagnose_curve(curve_of(losses, grads))
+    assert "nothing_trained" not in codes(d), d.summary
+
+
 def test_memorized_to_exactly_zero_is_not_a_hidden_nan() -> None:
     # A tiny set memorized: 4-decimal logs reach 0.0 gradually, with finite gradients.
     losses = [2.2, 1.4, 0.7, 0.3, 0.1, 0.03, 0.008, 0.002, 0.0005, 0.0001] + [0.0] * 10
@@ -602,3 +623,26 @@ def test_a_memorized_per_example_log_with_real_zeros_is_neither_a_hidden_nan_nor
         Curve([TrainPoint(i + 1, x, None, 1e-4, None) for i, x in enumerate(calm)], [], "t")
     )
     assert "non_finite" in codes(hidden)
+
+
+# ----------------------------------------------------------------------------- fresh9's misses
+
+
+def test_a_blow_up_before_the_noise_is_known_is_judged_against_the_running_minimum() -> None:
+    """A Keras run logged per epoch (piaic AI-Q2 #15): 9.45 -> 0.67 in 8 epochs, then 2.36 and 6.05, then
+    back to 0.39. Eight calm points are too few to know the noise, but 6.05 is past the explosion line of
+    the running minimum (5x and +3): beyond any batch's noise, an explosion that came back (unstable).
+    Below that line the same short log is not judged (a jump to 3x and back is healthy)."""
+    head = [9.45, 8.84, 1.59, 1.17, 0.85, 0.78, 0.67, 0.70]
+    d = diagnose_curve(curve_of([*head, 2.36, 6.05, 0.62, 0.48, 0.39]))
+    assert d.verdict == "unstable", (d.summary, serious(d))
+    blow_up = next(f for f in d.findings if f.code == "loss_explosion")
+    assert blow_up.step == 10 and blow_up.evidence["running_min"] == pytest.approx(0.78)
+    # Found live, at the step it happened.
+    found = feed(watcher(), curve_of([*head, 2.36, 6.05]))
+    assert (10, "loss_explosion", "error") in fired(found), fired(found)
+    # Boundary: 3.5 is 4.5x the running minimum (under 5x): not past the line, and not judged.
+    assert diagnose_curve(curve_of([*head, 2.36, 3.5, 0.62, 0.48, 0.39])).verdict == "healthy"
+    # Boundary: +3 above the minimum matters too (a small-loss run: 5x of 0.1 is only +0.4).
+    small = [2.0, 1.2, 0.5, 0.2, 0.12, 0.1, 0.09, 0.1]
+    assert diagnose_curve(curve_of([*small, 0.6, 0.11, 0.1, 0.09])).verdict == "healthy"

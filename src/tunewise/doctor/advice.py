@@ -332,19 +332,27 @@ def _zero_lr_cause(lr: float | None, unseen: str) -> tuple[int, str, Fix]:
     )
 
 
-def nothing_trained_advice(lr: float | None) -> Advice:
-    """Causes and fixes of a loss of exactly 0.0 with no gradient: no token or no weight is trained."""
+def nothing_trained_advice(lr: float | None, gradient: bool = False) -> Advice:
+    """Causes and fixes of a loss of exactly 0.0: no token or no weight is trained. `gradient`: a finite,
+    non-zero grad norm came with it (from the first log): the labels train only what the model predicts."""
+    labels = (
+        "the labels train only tokens the model already predicts (padding, EOS, the chat template), so the "
+        "loss is under the log's 4 decimals from the first step"
+        if gradient
+        else "labels are masked: every label is -100, so no token carries loss"
+    )
     return rank_advice(
         [
             (
                 3,
-                "labels are masked: every label is -100, so no token carries loss",
+                labels,
                 Fix(
-                    "data.train_on=assistant", "train the assistant turns; `tunewise inspect` shows the -100s"
+                    "data.train_on=assistant",
+                    "train the assistant turns; `tunewise inspect` shows which tokens carry a label",
                 ),
             ),
             (
-                2,
+                1 if gradient else 2,
                 "no weight is trainable (frozen model, or an adapter that is not attached)",
                 Fix(
                     None,

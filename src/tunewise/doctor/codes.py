@@ -98,7 +98,7 @@ CODES: dict[str, Code] = {
         ("warning", "error"),
         "flat",
         "tunewise.doctor.masking",
-        "loss exactly 0.0 with no gradient (or never a real loss): no token or weight is trained",
+        "loss exactly 0.0 with no gradient, or from the first log on: no token or weight is trained",
     ),
     "weights_unchanged": Code(
         ("error",),

@@ -7,8 +7,9 @@
   and > that median + SPIKE_ABOVE_MEDIAN (catches small-loss tasks); either way also > that median +
   SPIKE_SIGMAS robust standard deviations of the last NOISE_WINDOW calm points (per-step losses are
   noisy). Judged from MIN_NOISE_POINTS calm points on (before that the noise is unknown and only the
-  first-steps test below judges). Over once the loss is back under max(CALM_RATIO x, + CALM_ABOVE) of
-  the median.
+  first-steps test below judges; from MEDIAN_WINDOW calm points on, a loss past the explosion line of
+  the running minimum is beyond any noise and is judged at once). Over once the loss is back under
+  max(CALM_RATIO x, + CALM_ABOVE) of the median.
 - loss_explosion (error): > EXPLOSION_RATIO x the minimum and > minimum + EXPLOSION_ABOVE_MIN,
   spiked for EXPLOSION_POINTS points in a row, or still spiked when the run ends.
 - loss_explosion in the first steps, before a calm curve exists: within the first EARLY_POINTS points
@@ -230,10 +231,14 @@ class DivergenceRules:
         early = self.start is not None and len(self.watch.losses) < EARLY_POINTS
         if early and above_start_line(loss, self.start):
             return [self._begin_explosion(step, loss, self.start, "start")]
-        if len(self.calm) < MIN_NOISE_POINTS or self.minimum is None:
-            return []  # too few calm points to know the noise: only the first-steps test above judges
+        if len(self.calm) < MEDIAN_WINDOW or self.minimum is None:
+            return []  # no running minimum yet: only the first-steps test above judges
         low_step, low = self.minimum
         ref = statistics.median(self.calm[-MEDIAN_WINDOW:])
+        if len(self.calm) < MIN_NOISE_POINTS:
+            # The noise is not known yet; a jump past the explosion line is beyond any batch's noise.
+            beyond = loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
+            return [self._begin_explosion(step, loss, ref, "running_min")] if beyond else []
         window = self.calm[-NOISE_WINDOW:]
         center = statistics.median(window)
         sigma = 1.4826 * statistics.median(abs(x - center) for x in window)  # robust std of the noise

@@ -133,7 +133,7 @@ SCRIPT_PRECISION = {
 SCRIPT_FIXES = {  # tunewise settings that a Trainer script has no argument for, as advice
     "data.train_on": Fix(
         None,
-        "every label is -100: check how the data collator builds `labels` (with TRL: "
+        "check which tokens the data collator gives a label (`labels` other than -100; with TRL: "
         "`completion_only_loss`, `assistant_only_loss` and the chat template)",
     ),
     "data.too_long": Fix(

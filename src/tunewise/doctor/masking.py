@@ -4,9 +4,10 @@
   is no signal, not a divergence: warning at the first such step, error at NO_SIGNAL_POINTS in a row
   (or when no step of the run trained a token). Only logs that count trained tokens (metrics.jsonl)
   show it; the live monitor stops the run at the error.
-- nothing_trained: the loss is logged as exactly 0.0 with a grad norm of exactly 0.0 (or with no grad
-  norm from the first log on: no step ever had a loss): nothing is trained. Warning at the first such
-  point, error at ZERO_POINTS in a row (or when the run has no other loss).
+- nothing_trained: the loss is logged as exactly 0.0 with a grad norm of exactly 0.0, or from the first
+  log on (no step ever had a real loss; a finite grad norm there is the rounding of a loss under the
+  log's 4 decimals: the trained tokens are ones the model already predicts): nothing is trained. Warning
+  at the first such point, error at ZERO_POINTS in a row (or when the run has no other loss).
 - weights_unchanged: each batch's loss equals, within REPEAT_TOLERANCE, the loss logged at the same place
   of the epoch before, for REPEAT_POINTS logs in a row (a loss logged as 0.0 breaks the row; and the
   losses are not all one value): the same batches through the same weights. Nothing is being trained,
@@ -117,15 +118,16 @@ class MaskingRules:
     def _zero_finding(self, severity: Severity) -> Finding:
         (first, _), (last, grad) = self.zeros[0], self.zeros[-1]
         n = len(self.zeros)
-        grads = "grad_norm 0.0" if grad is not None else "no grad_norm logged"
+        grads = "no grad_norm logged" if grad is None else f"grad_norm {num(grad)}"
         before = self.watch.losses[-1] if self.watch.losses else None
         since = f"after {num(before[1])} at step {before[0]}" if before else "from the first log"
         if severity == "warning":
             title = f"loss is exactly 0.0 with {grads} at step {first} ({since}): nothing is being trained"
         else:
+            what = "the trained tokens leave nothing to learn" if grad else "no gradient reaches the weights"
             title = (
                 f"loss is exactly 0.0 with {grads} at {n} logs in a row (steps {first}-{last}, {since}): "
-                "no gradient reaches the weights, nothing is trained"
+                f"{what}, nothing is trained"
             )
         evidence = {
             "step": last,
@@ -136,9 +138,8 @@ class MaskingRules:
             "last_real_loss": before[1] if before else None,
             "lr": self.watch.peak_lr,
         }
-        return Finding(
-            last, severity, "nothing_trained", title, evidence, *nothing_trained_advice(self.watch.peak_lr)
-        )
+        advice = nothing_trained_advice(self.watch.peak_lr, gradient=bool(grad))
+        return Finding(last, severity, "nothing_trained", title, evidence, *advice)
 
     def _repeat_finding(self) -> Finding:
         (first, first_before, _), (last, last_before, _) = self.repeats[0], self.repeats[-1]

@@ -89,8 +89,9 @@ class CurveWatcher:
         hidden = self.divergence.hides_nan(loss, grad_norm)
         loss_bad = hidden or not finite(loss)
         grad_bad = grad_norm is not None and not finite(grad_norm)
-        # 0.0 with no gradient, or with no grad norm and never a real loss: nothing trained, not a fall
-        untrained_zero = loss == 0.0 and (grad_norm == 0.0 or (grad_norm is None and not self.losses))
+        # 0.0 with no gradient, or before any real loss (whatever the finite gradient): nothing trained, not a
+        # fall. No loss starts below the log's 4 decimals on real data; a gradient there is only rounding's.
+        untrained_zero = loss == 0.0 and (grad_norm == 0.0 or not self.losses)
         if trainable_tokens != 0:
             self.masking.trained(step)
         if trainable_tokens == 0 and (loss_bad or grad_bad or loss == 0.0):
