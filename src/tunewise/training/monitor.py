@@ -169,10 +169,40 @@ def _give_back_freed_memory() -> None:
     """Return what earlier work freed to the OS (glibc's malloc_trim), so the resident set a reset starts
     from is what is live, not what the base model's evaluation once held."""
     gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): hand the heap's free pages back to the OS; False where there is no glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the resident set keeps what it has
-        pass
+        return False
+    return True
+
+
+class FreedMemory:
+    """Gives the CPU heap's free pages back to the OS after each step and evaluation, at most 5% of the time.
+
+    On the CPU glibc keeps the blocks a step frees for later requests of their size; padding-free batches
+    change shape every step, so the resident set grew step after step past what was live (the demo: 2.15
+    GiB at step 1, 2.66 by step 12, measured 1.1 GiB live between steps), and the plan's estimate, which
+    counts what is live, was 20-30% under the run's peak. A trim costs ~0.1 s on SmolLM2-135M: after a
+    trim that took t seconds, the next waits until 20 t have passed (every step of a 2-8 s step; every
+    few steps of a tiny test model's). Nothing is done on a GPU (its allocator's cache is not the RSS).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = not torch.cuda.is_available()  # as peak_memory_bytes: RSS is measured on the CPU
+        self.next_at = 0.0
+
+    def give_back(self) -> None:
+        """Trim now unless the last trim's cost says to wait."""
+        if not self.enabled or time.perf_counter() < self.next_at:
+            return
+        started = time.perf_counter()
+        self.enabled = _malloc_trim()
+        self.next_at = time.perf_counter() + 20 * (time.perf_counter() - started)
 
 
 def peak_memory_bytes() -> int:
@@ -225,6 +255,7 @@ class StepMonitor(TrainerCallback):
         self.memory_estimate_step_1 = memory_estimate_step_1
         self.totals: dict[str, float] = {}  # over the steps after the first (warm-up), for result.json
         self.memory_step_1: int | None = None
+        self.freed = FreedMemory()
 
     @property
     def trouble_began(self) -> int | None:
@@ -311,6 +342,7 @@ class StepMonitor(TrainerCallback):
     ) -> None:
         rec = self.trainer.step_record
         rec.settle()
+        self.freed.give_back()  # before the next step allocates: what this one freed leaves the RSS
         now = time.time()
         step_time = now - self.last_step_time
         self.last_step_time = now
@@ -408,6 +440,7 @@ class StepMonitor(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         metrics = metrics or {}
+        self.freed.give_back()
         record = {
             "type": "eval",
             "step": state.global_step,
