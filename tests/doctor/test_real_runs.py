@@ -78,11 +78,13 @@ def check_targets(
 @pytest.mark.xfail(
     strict=True,
     reason="issue #14's targets are NOT met on dev, where every run that was read to fix a rule goes "
-    "(measured 2026-12-01, session 6, 184 runs: accuracy 91.8% < 92%, macro-recall 84.8% < 85%, 6 false "
+    "(measured 2026-12-01, session 7, 189 runs: accuracy 90.5% < 92%, macro-recall 83.3% < 85%, 6 false "
     "alarms in 107 healthy runs > 1 in 50). Its misses are close calls whose labels rest on the reader's "
     "look past LABELS' letter: short mid-run fragments from issue threads (6-11 logs) that the rules call "
-    "flat or overfitting, a 7-log per-step fragment, a 1000-step warmup of pure batch noise, and "
-    "nowhereman14_react_tod (two spiked per-step logs in a row on a 2037-log run). The holdout tests below "
+    "flat or overfitting, a 7-log per-step fragment, a 1000-step warmup of pure batch noise, "
+    "nowhereman14_react_tod (two spiked per-step logs in a row on a 2037-log run), and fresh9's three "
+    "(a Caffe log whose only drop is its first point, a 4-log explosion, a mid-run NMT fragment swinging "
+    "without a trend that the rules call flat, labelled unstable). The holdout tests below "
     "hold the targets. Strict: red the day dev meets them.",
 )
 def test_corpus_dev_meets_the_targets() -> None:
