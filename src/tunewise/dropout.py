@@ -54,9 +54,8 @@ class FastDropout(torch.nn.Dropout):
         return _Dropout.apply(x, self.p)
 
 
-def speed_up_lora_dropout(model: torch.nn.Module) -> int:
-    """Replace the CPU model's LoRA dropout modules by FastDropout; returns how many were replaced."""
-    replaced = 0
+def speed_up_lora_dropout(model: torch.nn.Module) -> None:
+    """Replace the CPU model's LoRA dropout modules (PEFT's `lora_dropout` dicts) by FastDropout."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, torch.nn.ModuleDict):
@@ -64,5 +63,3 @@ def speed_up_lora_dropout(model: torch.nn.Module) -> int:
         for name, dropout in list(dropouts.items()):
             if type(dropout) is torch.nn.Dropout and dropout.p > 0:
                 dropouts[name] = FastDropout(dropout.p, inplace=False)
-                replaced += 1
-    return replaced

@@ -81,6 +81,11 @@ def above_start_line(loss: float, start: float) -> bool:
     return loss > EARLY_RATIO * start and loss > start + EARLY_ABOVE
 
 
+def above_explosion_line(loss: float, low: float) -> bool:
+    """EXPLOSION_RATIO x the running minimum `low` and EXPLOSION_ABOVE_MIN above it: beyond any noise."""
+    return loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
+
+
 def above_spike_line(loss: float, low: float, ref: float) -> bool:
     """SPIKE_RATIO x the running minimum `low` and SPIKE_ABOVE_MIN above it, or SPIKE_RATIO x the recent
     median `ref` and SPIKE_ABOVE_MEDIAN above it (the noise margin aside)."""
@@ -223,8 +228,7 @@ class DivergenceRules:
                 self.watch.close("loss_explosion", step)
                 return []
             self._spiked_for += 1
-            exploded = loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
-            stuck = exploded or erased or self._spiked_for >= EXPLOSION_POINTS
+            stuck = above_explosion_line(loss, low) or erased or self._spiked_for >= EXPLOSION_POINTS
             return [self._explosion(step, loss)] if stuck and "loss_explosion" not in episodes else []
         if erased:
             return [self._begin_explosion(step, loss, self.start, "knows_nothing")]
@@ -237,14 +241,14 @@ class DivergenceRules:
         ref = statistics.median(self.calm[-MEDIAN_WINDOW:])
         if len(self.calm) < MIN_NOISE_POINTS:
             # The noise is not known yet; a jump past the explosion line is beyond any batch's noise.
-            beyond = loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN
+            beyond = above_explosion_line(loss, low)
             return [self._begin_explosion(step, loss, ref, "running_min")] if beyond else []
         window = self.calm[-NOISE_WINDOW:]
         center = statistics.median(window)
         sigma = 1.4826 * statistics.median(abs(x - center) for x in window)  # robust std of the noise
         if not above_spike_line(loss, low, ref) or loss <= ref + SPIKE_SIGMAS * sigma:
             return []
-        if loss > EXPLOSION_RATIO * low and loss > low + EXPLOSION_ABOVE_MIN:
+        if above_explosion_line(loss, low):
             return [self._begin_explosion(step, loss, ref, "running_min")]
         self.watch.open("loss_spike", step)
         self._spike_ref, self._spiked_for = ref, 1

@@ -188,7 +188,7 @@ class FreedMemory:
     change shape every step, so the resident set grew step after step past what was live (the demo: 2.15
     GiB at step 1, 2.66 by step 12, 1.1 GiB live between steps), and the plan's estimate, which counts what
     is live, was 20-30% under the run's peak. A trim is not free: the pages it returns are faulted back in
-    by the next step (trimming after every step made the bundled benchmark's 1.7 s steps ~25% slower). So
+    by the next step (trimming after every step made the bundled benchmark's 1.7 s steps 25-40% slower). So
     the first call after step 1 takes the resident set as the baseline, and a later call trims only when
     the set is more than GROWTH over it (every few steps on the demo); and after a trim that took t
     seconds, the next waits until 20 t have passed. Nothing is done on a GPU (its allocator's cache is not
@@ -219,28 +219,28 @@ class FreedMemory:
         self.next_at = time.perf_counter() + 20 * (time.perf_counter() - started)
 
 
-def resident_bytes() -> int | None:
-    """The process's resident set now (Linux's VmRSS); None where /proc does not say."""
+def _status_bytes(key: str) -> int | None:
+    """A size from Linux's /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None where it does not say."""
     try:
         for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def resident_bytes() -> int | None:
+    """The process's resident set now; None where /proc does not say."""
+    return _status_bytes("VmRSS")
+
+
 def peak_memory_bytes() -> int:
     """Peak memory since the last reset: GPU memory allocated on CUDA, resident set size on the CPU."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    try:
-        for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class StepMonitor(TrainerCallback):
