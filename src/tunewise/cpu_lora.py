@@ -18,8 +18,9 @@ Profiled on the speed benchmark's varied chat set (SmolLM2-135M, LoRA r 8 on all
   fp32 and rounded once (PEFT rounds after each of the three).
 
 `CpuLoraLinear` is PEFT's `lora.Linear` (same parameters, state dict, merge and save) with that forward
-when autocast is on and the layer is plain LoRA; anything else (no autocast, merged or disabled adapters,
-DoRA and other variants, mixed-adapter batches) runs PEFT's own forward. On a GPU nothing is swapped.
+when autocast is on and the layer is plain LoRA; anything else (no autocast, merged or disabled
+adapters, DoRA and other variants, a bias in B, mixed-adapter batches) runs PEFT's own forward. On a GPU
+nothing is swapped.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class CpuLoraLinear(LoraLinear):
             and torch.is_autocast_enabled(x.device.type)
             and x.dtype == torch.get_autocast_dtype(x.device.type)
             and not any(name in self.lora_variant for name in self.active_adapters)
+            and all(b.bias is None for b in self.lora_B.values())  # lora_bias: B's bias is scaled too
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

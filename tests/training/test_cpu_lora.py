@@ -150,8 +150,9 @@ def test_the_cpu_lora_layer_runs_peft_forward_where_its_own_does_not_apply() -> 
         assert torch.equal(ours(x), peft_model(x))
 
 
-def test_a_dora_adapter_keeps_peft_forward() -> None:
-    peft_model, ours = _pair(0.0, use_dora=True)
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_bias": True}])
+def test_dora_or_a_bias_in_b_keeps_peft_forward(variant: dict) -> None:
+    peft_model, ours = _pair(0.0, **variant)
     x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
     y_peft, _ = _forward_backward(peft_model, x, autocast=True)
     y_ours, _ = _forward_backward(ours, x, autocast=True)
