@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_overrides
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from safetensors.torch import load_file
 
 from tunewise.config import load_config
 from tunewise.cpu_lora import CpuLoraLinear, FastDropout, keep_mask, speed_up_cpu_lora
@@ -120,7 +121,6 @@ def test_the_cpu_lora_layer_computes_what_peft_computes_under_autocast(dropout: 
     exact_model = copy.deepcopy(peft_model).double()  # the same weights and masks, in float64
     x = torch.randn(3, 5, 48, dtype=torch.bfloat16)
     exact = _forward_backward(exact_model, x.double(), autocast=False)
-    exact = (exact[0], {n.replace(".double", ""): g for n, g in exact[1].items()})
     peft_run, our_run = (_forward_backward(m, x, autocast=True) for m in (peft_model, ours))
     assert our_run[0].shape == exact[0].shape and our_run[1].keys() == exact[1].keys()
     assert any("lora_A" in n for n in our_run[1])
@@ -163,8 +163,6 @@ def test_the_cpu_lora_model_saves_and_merges_as_peft_does(tmp_path) -> None:
     peft_model, ours = _pair(0.1)
     ours.save_pretrained(tmp_path / "ours")
     peft_model.save_pretrained(tmp_path / "peft")
-    from safetensors.torch import load_file
-
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     expected = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
